@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin
+
+from chatapp.models import Message, Room
+from chatapp.services import MessageRejected, message_create, message_validate
+
+
+class MessageAdminForm(forms.ModelForm):
+    class Meta:
+        model = Message
+        fields = ["room", "author", "body"]
+
+    def clean_body(self) -> str:
+        try:
+            body, _client_id = message_validate(self.cleaned_data.get("body"))
+        except MessageRejected as exc:
+            raise forms.ValidationError(exc.text, code=exc.code) from exc
+        return body
+
+
+@admin.register(Room)
+class RoomAdmin(admin.ModelAdmin):
+    list_display = ["slug", "title", "last_seq", "created_by", "created_at"]
+    search_fields = ["slug", "title"]
+    readonly_fields = ["last_seq"]
+    prepopulated_fields = {"slug": ["title"]}
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["room", "seq", "author", "short_body", "created_at"]
+    list_filter = ["room"]
+    search_fields = ["body", "author__username"]
+    list_select_related = ["room", "author"]
+    form = MessageAdminForm
+    readonly_fields = ["seq", "client_id", "created_at"]
+    raw_id_fields = ["author"]
+
+    @admin.display(description="body")
+    def short_body(self, obj: Message) -> str:
+        return obj.body if len(obj.body) <= 80 else obj.body[:79] + "…"
+
+    def get_readonly_fields(self, request, obj=None):
+        # A stored message keeps its room and author; only its text can be edited.
+        if obj is not None:
+            return [*self.readonly_fields, "room", "author"]
+        return self.readonly_fields
+
+    def save_model(self, request, obj: Message, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        # New messages go through the posting service so that they get the
+        # next seq under the room lock and a broadcast after commit.
+        result = message_create(room=obj.room, author=obj.author, body=obj.body)
+        obj.pk = result.message.pk
+        obj.seq = result.message.seq
+        obj.created_at = result.message.created_at

@@ -1,0 +1,203 @@
+"""The room WebSocket: replay after `after=`, then live frames from the hub."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chatapp import selectors
+from chatapp.hub import get_hub
+from chatapp.models import Room
+from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame
+from chatapp.services import MessageRejected, message_create
+
+logger = logging.getLogger(__name__)
+
+# Close codes sent after the handshake, documented in the README.
+CLOSE_BAD_AFTER = 4400
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_ROOM_NOT_FOUND = 4404
+CLOSE_SERVER_ERROR = 1011
+
+
+class InvalidAfter(ValueError):
+    pass
+
+
+def parse_after(query_string: bytes) -> int | None:
+    """Return the `after` seq from a socket query string; None when it is absent."""
+    values = parse_qs(query_string.decode("latin-1")).get("after")
+    if not values or values[-1] == "":
+        return None
+    raw = values[-1]
+    if not raw.isdigit():
+        raise InvalidAfter(f"after={raw!r} is not a non-negative integer.")
+    return int(raw)
+
+
+class RoomConsumer(AsyncWebsocketConsumer):
+    """One browser tab in one room.
+
+    `next_seq` is the next seq this socket must receive. Until the socket is
+    live it reads from the database and only records the highest seq the hub
+    offered (`max_seen`); it goes live once a read finds nothing newer and the
+    hub offered nothing newer, all without an await in between, so no message
+    falls between replay and live delivery.
+    """
+
+    # The hub holds the only channel-layer subscription for all sockets.
+    channel_layer_alias = None
+
+    async def connect(self) -> None:
+        self.room: Room | None = None
+        # Short id that ties this socket's log lines together.
+        self.socket_id = uuid.uuid4().hex[:12]
+        self.live = False
+        self.next_seq = 1
+        self.max_seen = 0
+        self.catch_up_task: asyncio.Task | None = None
+        user = self.scope["user"]
+        slug = self.scope["url_route"]["kwargs"]["slug"]
+
+        if not user.is_authenticated:
+            logger.info("socket rejected: not logged in room=%s", slug)
+            await self.reject(CLOSE_UNAUTHENTICATED)
+            return
+        self.room = await Room.objects.filter(slug=slug).afirst()
+        if self.room is None:
+            logger.info("socket rejected: room not found room=%s user=%s", slug, user.pk)
+            await self.reject(CLOSE_ROOM_NOT_FOUND)
+            return
+        try:
+            after = parse_after(self.scope["query_string"])
+        except InvalidAfter as exc:
+            logger.info("socket rejected: %s room=%s user=%s", exc, self.room.pk, user.pk)
+            await self.reject(CLOSE_BAD_AFTER)
+            self.room = None
+            return
+
+        # An absent after, or one beyond the last message, means "from now on".
+        if after is None or after > self.room.last_seq:
+            after = self.room.last_seq
+        self.next_seq = after + 1
+        await self.accept()
+
+        try:
+            await get_hub().join(self.room.pk, self)
+        except Exception:
+            logger.exception("socket closed: hub join failed room=%s user=%s", self.room.pk, user.pk)
+            await self.close(CLOSE_SERVER_ERROR)
+            return
+        logger.info(
+            "socket connected room=%s user=%s channel=%s after=%s", self.room.pk, user.pk, self.socket_id, after
+        )
+        self.start_catch_up()
+
+    async def reject(self, code: int) -> None:
+        # Accept first: a close before accept becomes an HTTP 403 and the
+        # client would never see the code.
+        await self.accept()
+        await self.close(code)
+
+    async def disconnect(self, code: int) -> None:
+        if self.room is None:
+            return
+        if self.catch_up_task is not None:
+            self.catch_up_task.cancel()
+        await get_hub().leave(self.room.pk, self)
+        logger.info(
+            "socket disconnected room=%s user=%s channel=%s code=%s",
+            self.room.pk,
+            self.scope["user"].pk,
+            self.socket_id,
+            code,
+        )
+
+    async def deliver(self, seq: int, frame: str) -> None:
+        """Send one message frame, keeping this socket's order gap-free and duplicate-free."""
+        if not self.live:
+            self.max_seen = max(self.max_seen, seq)
+            return
+        if seq < self.next_seq:
+            return
+        if seq > self.next_seq:
+            logger.info(
+                "socket gap room=%s channel=%s expected=%s received=%s", self.room.pk, self.socket_id, self.next_seq, seq
+            )
+            self.max_seen = seq
+            self.start_catch_up()
+            return
+        self.next_seq = seq + 1
+        await self.send(text_data=frame)
+
+    def start_catch_up(self) -> None:
+        self.live = False
+        if self.catch_up_task is None or self.catch_up_task.done():
+            self.catch_up_task = asyncio.ensure_future(self.catch_up())
+
+    async def catch_up(self) -> None:
+        """Send stored messages from next_seq on, in pages, then go live."""
+        page_size = settings.CHAT_REPLAY_PAGE_SIZE
+        try:
+            while True:
+                last_seq, count, frame = await database_sync_to_async(_replay_page)(
+                    self.room.pk, self.next_seq - 1, page_size
+                )
+                if count:
+                    self.next_seq = last_seq + 1
+                    await self.send(text_data=frame)
+                if count < page_size and self.max_seen < self.next_seq:
+                    self.live = True
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("replay failed room=%s channel=%s next_seq=%s", self.room.pk, self.socket_id, self.next_seq)
+            await self.close(CLOSE_SERVER_ERROR)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.room is None:
+            return
+        user = self.scope["user"]
+
+        if text_data is None:
+            await self.send_error("not_text", "Frames must be JSON text, not binary.")
+            return
+        try:
+            payload = json.loads(text_data)
+        except ValueError:
+            await self.send_error("invalid_json", "Frame is not valid JSON.")
+            return
+        if not isinstance(payload, dict):
+            await self.send_error("not_object", "Frame must be a JSON object with a body field.")
+            return
+
+        client_id = payload.get("client_id")
+        try:
+            result = await database_sync_to_async(message_create)(
+                room=self.room, author=user, body=payload.get("body"), client_id=client_id
+            )
+        except MessageRejected as exc:
+            logger.info(
+                "frame rejected room=%s user=%s channel=%s code=%s", self.room.pk, user.pk, self.socket_id, exc.code
+            )
+            echoed_client_id = client_id if isinstance(client_id, str) and len(client_id) <= 64 else None
+            await self.send_error(exc.code, exc.text, echoed_client_id)
+            return
+        await self.send(text_data=render_ack_frame(result.message))
+
+    async def send_error(self, code: str, text: str, client_id: str | None = None) -> None:
+        await self.send(text_data=render_error_frame(code, text, client_id))
+
+
+def _replay_page(room_id: int, after_seq: int, limit: int) -> tuple[int, int, str]:
+    messages = selectors.messages_after(room_id, after_seq, limit)
+    if not messages:
+        return after_seq, 0, ""
+    return messages[-1].seq, len(messages), render_messages_frame(messages)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Room(models.Model):
+    """A chat room; `last_seq` is the seq of its newest committed message."""
+
+    slug = models.SlugField(max_length=50, unique=True)
+    title = models.CharField(max_length=100)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    # Only message_create changes this, under the row lock of this room.
+    last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Message(models.Model):
+    """A chat message; `seq` numbers the messages of one room from 1 without holes."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    seq = models.PositiveBigIntegerField(editable=False)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    body = models.TextField()
+    # The sender's idempotency key: a retried send with the same key returns
+    # the stored message instead of storing a copy.
+    client_id = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="message_room_seq_unique"),
+            models.UniqueConstraint(
+                fields=["author", "client_id"],
+                condition=Q(client_id__isnull=False),
+                name="message_author_client_id_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.room.slug}#{self.seq}"

@@ -1,0 +1,39 @@
+"""Render the HTML fragments that travel over the WebSocket.
+
+A frame is an htmx out-of-band swap: its top element names the target by id,
+so htmx's WebSocket extension and the page's own client module can both apply
+it. A message is rendered once per message, never once per recipient.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.template.loader import render_to_string
+
+from chatapp.models import Message
+
+
+def render_messages(messages: Iterable[Message]) -> str:
+    """Render message elements without a wrapper, for pages and frames."""
+    return render_to_string("chat/_messages.html", {"messages": messages}).strip()
+
+
+def messages_frame(messages_html: str) -> str:
+    """Wrap rendered message elements so that they append to #messages."""
+    return f'<div id="messages" hx-swap-oob="beforeend">{messages_html}</div>'
+
+
+def render_messages_frame(messages: Iterable[Message]) -> str:
+    return messages_frame(render_messages(messages))
+
+
+def render_error_frame(code: str, text: str, client_id: str | None = None) -> str:
+    """Render the fragment that answers a rejected frame."""
+    return render_to_string(
+        "chat/_error_frame.html", {"code": code, "text": text, "client_id": client_id}
+    ).strip()
+
+
+def render_ack_frame(message: Message) -> str:
+    """Render the fragment that tells a sender which seq its message got."""
+    return render_to_string("chat/_ack_frame.html", {"message": message}).strip()
