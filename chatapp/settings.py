@@ -135,9 +135,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# WhiteNoise serves straight from the finders, so no collectstatic step is
-# needed before daphne serves the pages.
+# Only needed for collectstatic: WhiteNoise serves straight from the finders,
+# so daphne serves the pages without a collectstatic step.
+STATIC_ROOT = os.environ.get("STATIC_ROOT") or None
 WHITENOISE_USE_FINDERS = True
 
 # Chat behaviour. Each value is documented in the README.
