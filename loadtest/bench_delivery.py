@@ -69,7 +69,7 @@ def parse_args() -> argparse.Namespace:
         "--senders", type=int, default=20, help="Sockets that post, one message in flight each (default: 20)."
     )
     parser.add_argument(
-        "--messages-per-sender", type=int, default=50, help="Messages each sender posts (default: 50)."
+        "--messages-per-sender", type=int, default=100, help="Messages each sender posts (default: 100)."
     )
     parser.add_argument(
         "--room", help="Slug of the room, created when missing (default: bench-<UTC date>-<time>, a new room per run)."
@@ -469,9 +469,14 @@ def markdown_table(report: dict) -> str:
     latency, ack = delivery["latency_ms"], posts["ack_latency_ms"]
     receivers, senders = delivery["receivers"], delivery["senders"]
     config = report["config"]
+    stopped = " (stopped by --send-time-limit)" if posts["stopped_by_time_limit"] else ""
+    if cpu["server_seconds"] is None:
+        server_cpu = "not measured: the server was started outside this script"
+    else:
+        server_cpu = f"{cpu['server_percent_of_one_core']} % of one core"
     rows = [
         ("Sockets", f"{config['receivers']} receivers + {config['senders']} senders, room `{config['room']}`"),
-        ("Posts acked", f"{posts['count']} in {posts['seconds']} s ({posts['failed']} failed)"),
+        ("Posts acked", f"{posts['count']} in {posts['seconds']} s ({posts['failed']} failed){stopped}"),
         ("Posts per second", f"{posts['per_second']}"),
         ("Ack latency p50 / p95 / p99 / max", f"{ack['p50']} / {ack['p95']} / {ack['p99']} / {ack['max']} ms"),
         (
@@ -489,7 +494,7 @@ def markdown_table(report: dict) -> str:
             "Senders: lost / out of order / duplicates",
             f"{senders['lost']} / {senders['out_of_order']} / {senders['duplicates']}",
         ),
-        ("Server CPU (daphne)", f"{cpu['server_percent_of_one_core']} % of one core"),
+        ("Server CPU (daphne)", server_cpu),
         ("Client CPU (this script)", f"{cpu['client_percent_of_one_core']} % of one core"),
     ]
     lines = ["| Figure | Value |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows]

@@ -113,7 +113,14 @@ class DaphneNode:
                 self.process.wait(timeout=10)
 
 
-def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None) -> DaphneNode:
+SERVER_COMMANDS = {
+    "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "chatapp.asgi:application"],
+    "runserver": ["manage.py", "runserver", "--noreload", "127.0.0.1:{port}"],
+}
+
+
+def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne") -> DaphneNode:
+    """Start the app under daphne, or under `manage.py runserver` (which runs daphne too)."""
     port = free_port()
     env = {
         **os.environ,
@@ -128,7 +135,7 @@ def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None) -> Daph
     log_path = log_dir / f"daphne-{port}.log"
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatapp.asgi:application"],
+        [sys.executable, *(part.format(port=port) for part in SERVER_COMMANDS[server])],
         cwd=REPO_ROOT,
         env=env,
         stdout=log_file,
@@ -151,8 +158,8 @@ def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None) -> Daph
 
 
 @contextmanager
-def running_daphne(log_dir: Path, extra_env: dict[str, str] | None = None):
-    node = start_daphne(log_dir, extra_env)
+def running_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne"):
+    node = start_daphne(log_dir, extra_env, server)
     try:
         yield node
     finally:
