@@ -11,8 +11,10 @@ from chatapp.rendering import render_messages_frame
 
 logger = logging.getLogger(__name__)
 
-# Event type of a message event on the channel layer.
+# Event types on the channel layer: a committed message, and a user's first
+# connection in a room appearing or last one going.
 MESSAGE_EVENT = "chat.message"
+PRESENCE_EVENT = "chat.presence"
 
 
 def room_group_name(room_id: int) -> str:

@@ -14,8 +14,10 @@ from django.conf import settings
 from chatapp import selectors
 from chatapp.hub import get_hub
 from chatapp.models import Room
-from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame
+from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame, render_presence_list
 from chatapp.services import MessageRejected, message_create
+from presence.store import Connection, get_store
+from presence.tracker import get_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.next_seq = 1
         self.max_seen = 0
         self.catch_up_task: asyncio.Task | None = None
+        self.presence: Connection | None = None
         user = self.scope["user"]
         slug = self.scope["url_route"]["kwargs"]["slug"]
 
@@ -99,6 +102,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         )
         self.start_catch_up()
 
+        self.presence = Connection(room=self.room.slug, conn_id=self.socket_id, user=user.get_username())
+        try:
+            await get_tracker().track(self.presence)
+            await self.send(text_data=render_presence_list(await get_store().online(self.room.slug)))
+        except Exception:
+            # Presence is secondary: the socket keeps its messages, and the
+            # next heartbeat lists the connection again.
+            logger.exception("presence join failed room=%s user=%s channel=%s", self.room.pk, user.pk, self.socket_id)
+
     async def reject(self, code: int) -> None:
         # Accept first: a close before accept becomes an HTTP 403 and the
         # client would never see the code.
@@ -111,6 +123,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.catch_up_task is not None:
             self.catch_up_task.cancel()
         await get_hub().leave(self.room.pk, self)
+        if self.presence is not None:
+            try:
+                await get_tracker().untrack(self.presence)
+            except Exception:
+                logger.exception(
+                    "presence release failed room=%s channel=%s; the entry expires after the TTL",
+                    self.room.pk,
+                    self.socket_id,
+                )
         logger.info(
             "socket disconnected room=%s user=%s channel=%s code=%s",
             self.room.pk,
@@ -134,6 +155,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.start_catch_up()
             return
         self.next_seq = seq + 1
+        await self.send(text_data=frame)
+
+    async def send_unordered(self, frame: str) -> None:
+        """Send a frame that carries no seq, such as a presence change."""
         await self.send(text_data=frame)
 
     def start_catch_up(self) -> None:

@@ -25,7 +25,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chatapp import selectors
-from chatapp.broadcast import MESSAGE_EVENT, message_event, room_group_name
+from chatapp.broadcast import MESSAGE_EVENT, PRESENCE_EVENT, message_event, room_group_name
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class RoomSocket(Protocol):
     """A local socket that the hub hands message frames to."""
 
     async def deliver(self, seq: int, frame: str) -> None: ...
+
+    async def send_unordered(self, frame: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -152,11 +154,17 @@ class RoomHub:
                 )
 
     async def _on_event(self, event: dict) -> None:
-        if event.get("type") != MESSAGE_EVENT:
-            logger.warning("unknown event type=%r channel=%s", event.get("type"), self.channel)
+        event_type = event.get("type")
+        if event_type not in (MESSAGE_EVENT, PRESENCE_EVENT):
+            logger.warning("unknown event type=%r channel=%s", event_type, self.channel)
             return
         feed = self.feeds.get(event["room"])
         if feed is None:
+            return
+        if event_type == PRESENCE_EVENT:
+            # Presence frames carry no seq: a join or leave is applied as it comes.
+            for socket in list(feed.sockets):
+                await socket.send_unordered(event["frame"])
             return
 
         seq = event["seq"]

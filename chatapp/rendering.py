@@ -37,3 +37,13 @@ def render_error_frame(code: str, text: str, client_id: str | None = None) -> st
 def render_ack_frame(message: Message) -> str:
     """Render the fragment that tells a sender which seq its message got."""
     return render_to_string("chat/_ack_frame.html", {"message": message}).strip()
+
+
+def render_presence_list(online: dict[str, int]) -> str:
+    """Render the frame that replaces the room's list of online users."""
+    return render_to_string("chat/_presence_list_frame.html", {"users": list(online)}).strip()
+
+
+def render_presence_change(user: str, online: bool) -> str:
+    """Render the frame that adds a user to or removes one from the online list."""
+    return render_to_string("chat/_presence_change_frame.html", {"user": user, "online": online}).strip()

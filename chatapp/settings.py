@@ -146,6 +146,15 @@ CHAT_PAGE_SIZE = 50
 CHAT_REPLAY_PAGE_SIZE = int(os.environ.get("CHAT_REPLAY_PAGE_SIZE", "200"))
 CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 
+# Presence, in seconds: how often each node refreshes its connections and
+# reaps expired ones, how long an unrefreshed connection stays listed (a
+# crashed node's users are reaped within TTL plus one interval), and how long
+# a closed one stays listed so that a quick reconnect shows no leave and join.
+PRESENCE_HEARTBEAT_INTERVAL = env_float("PRESENCE_HEARTBEAT_INTERVAL", 5.0)
+PRESENCE_TTL = env_float("PRESENCE_TTL", 15.0)
+PRESENCE_LEAVE_GRACE = env_float("PRESENCE_LEAVE_GRACE", 3.0)
+PRESENCE_KEY_PREFIX = f"{CHANNEL_PREFIX}:presence"
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -4,11 +4,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
 from chatapp.hub import close_hub
+from presence.tracker import close_tracker
 from chatapp.models import Room
 from tests.support import session_cookie
 
@@ -88,6 +90,19 @@ async def hub_cleanup():
     """Close the event loop's room hub after an async test, so that no task outlives its loop."""
     yield
     await close_hub()
+    await close_tracker()
+
+
+@pytest.fixture(autouse=True)
+def clean_presence_keys():
+    """Start every test with no presence state, since rooms of different tests share slugs."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        for key in client.scan_iter(f"{settings.PRESENCE_KEY_PREFIX}:*"):
+            client.delete(key)
+        yield
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -36,6 +36,28 @@ async def receive_messages(communicator: WebsocketCommunicator, count: int) -> l
     return messages
 
 
+async def receive_frame(communicator: WebsocketCommunicator, kind) -> str:
+    """Return the next frame for which kind(frame) is true, skipping others such as presence frames."""
+    while True:
+        frame = await communicator.receive_from(timeout=TIMEOUT)
+        if kind(frame):
+            return frame
+
+
+async def receive_error(communicator: WebsocketCommunicator):
+    return parse_error(await receive_frame(communicator, parse_error))
+
+
+async def assert_no_more_messages(communicator: WebsocketCommunicator, timeout: float = 0.3) -> None:
+    """Fail if a message frame arrives within `timeout` seconds; other frames are ignored."""
+    while True:
+        try:
+            frame = await communicator.receive_from(timeout=timeout)
+        except asyncio.TimeoutError:
+            return
+        assert parse_messages(frame) == [], f"unexpected message frame: {frame}"
+
+
 async def post(room, author, body: str, client_id: str | None = None):
     return await sync_to_async(message_create)(room=room, author=author, body=body, client_id=client_id)
 
@@ -100,18 +122,21 @@ class TestLiveDelivery:
         [received] = await receive_messages(receiver, 1)
         assert (received.seq, received.author, received.client_id) == (1, "alice", "c-1")
         assert received.body == "hello <b>bob</b>"
-        frames = [await sender.receive_from(timeout=TIMEOUT) for _ in range(2)]
-        assert [message.seq for frame in frames for message in parse_messages(frame)] == [1]
-        assert [parse_ack(frame) for frame in frames if parse_ack(frame)] == [(1, "c-1")]
-        assert await receiver.receive_nothing(timeout=0.3)
+        own, acks = [], []
+        while not (own and acks):
+            frame = await sender.receive_from(timeout=TIMEOUT)
+            own.extend(parse_messages(frame))
+            acks.extend([parse_ack(frame)] if parse_ack(frame) else [])
+        assert [message.seq for message in own] == [1]
+        assert acks == [(1, "c-1")]
+        await assert_no_more_messages(receiver)
+        await assert_no_more_messages(sender)
 
     async def test_body_is_escaped_in_fragment(self, room, alice, cookie_for):
         socket = await connected_and_caught_up(room.slug, await cookie_for(alice), after=0)
         await socket.send_to(text_data=json.dumps({"body": "<script>alert(1)</script>"}))
 
-        frame = await socket.receive_from(timeout=TIMEOUT)
-        if "data-seq" not in frame:
-            frame = await socket.receive_from(timeout=TIMEOUT)
+        frame = await receive_frame(socket, parse_messages)
         assert "<script>" not in frame
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in frame
 
@@ -136,8 +161,8 @@ class TestLiveDelivery:
         [only_second] = await receive_messages(in_second, 1)
         assert (only_first.seq, only_first.body) == (1, "first room")
         assert (only_second.seq, only_second.body) == (1, "second room")
-        assert await in_first.receive_nothing(timeout=0.3)
-        assert await in_second.receive_nothing(timeout=0.3)
+        await assert_no_more_messages(in_first)
+        await assert_no_more_messages(in_second)
 
 
 class TestRejectedFrames:
@@ -158,7 +183,7 @@ class TestRejectedFrames:
         socket = await connected_and_caught_up(room.slug, await cookie_for(alice), after=0)
 
         await socket.send_to(text_data=frame)
-        error = parse_error(await socket.receive_from(timeout=TIMEOUT))
+        error = await receive_error(socket)
 
         assert error is not None
         assert error[0] == code
@@ -170,13 +195,13 @@ class TestRejectedFrames:
     async def test_binary_frame_rejected(self, room, alice, cookie_for):
         socket = await connected_and_caught_up(room.slug, await cookie_for(alice), after=0)
         await socket.send_to(bytes_data=b'{"body": "hi"}')
-        error = parse_error(await socket.receive_from(timeout=TIMEOUT))
+        error = await receive_error(socket)
         assert error == ("not_text", None, "Frames must be JSON text, not binary.")
 
     async def test_error_names_client_id(self, room, alice, cookie_for):
         socket = await connected_and_caught_up(room.slug, await cookie_for(alice), after=0)
         await socket.send_to(text_data=json.dumps({"body": "", "client_id": "draft-7"}))
-        error = parse_error(await socket.receive_from(timeout=TIMEOUT))
+        error = await receive_error(socket)
         assert error == ("body_required", "draft-7", "Message is empty.")
 
     async def test_extra_fields_ignored(self, room, alice, cookie_for):
@@ -203,7 +228,7 @@ class TestIdempotentSend:
         assert acks == [(1, "retry-1"), (1, "retry-1")]
         assert [message.seq for message in messages] == [1]
         assert await Message.objects.acount() == 1
-        assert await socket.receive_nothing(timeout=0.3)
+        await assert_no_more_messages(socket)
 
 
 class TestResume:
@@ -218,7 +243,7 @@ class TestResume:
 
         assert [message.seq for message in replayed] == list(range(11, 61))
         assert (live.seq, live.body) == (61, "live")
-        assert await socket.receive_nothing(timeout=0.3)
+        await assert_no_more_messages(socket)
 
     async def test_replay_is_paged(self, room, alice, bob, cookie_for, settings):
         settings.CHAT_REPLAY_PAGE_SIZE = 7
@@ -228,7 +253,7 @@ class TestResume:
         socket = await connect(room.slug, await cookie_for(bob), after=0)
         frames = []
         while sum(len(parse_messages(frame)) for frame in frames) < 23:
-            frames.append(await socket.receive_from(timeout=TIMEOUT))
+            frames.append(await receive_frame(socket, parse_messages))
 
         assert [len(parse_messages(frame)) for frame in frames] == [7, 7, 7, 2]
         assert [message.seq for frame in frames for message in parse_messages(frame)] == list(range(1, 24))
@@ -250,7 +275,7 @@ class TestResume:
 
         [message] = await receive_messages(socket, 1)
         assert message.seq == 2
-        assert await socket.receive_nothing(timeout=0.3)
+        await assert_no_more_messages(socket)
 
     async def test_posts_during_replay_arrive_once_in_order(self, room, alice, bob, cookie_for, settings):
         settings.CHAT_REPLAY_PAGE_SIZE = 5
@@ -263,4 +288,4 @@ class TestResume:
         received = await receive_messages(socket, 60)
 
         assert [message.seq for message in received] == list(range(1, 61))
-        assert await socket.receive_nothing(timeout=0.5)
+        await assert_no_more_messages(socket, timeout=0.5)

@@ -17,6 +17,7 @@
   const errors = document.getElementById("chat-errors");
   const stateEl = document.getElementById("connection-state");
   const newMarker = document.getElementById("new-messages");
+  const presence = document.getElementById("presence");
   const form = document.getElementById("composer");
   const textarea = form.querySelector("textarea[name=body]");
 
@@ -107,6 +108,7 @@
       const item = findPending(ack.dataset.clientId);
       if (item) item.dataset.state = "stored";
     }
+    applyPresence(template.content);
     for (const error of template.content.querySelectorAll("[data-error]")) {
       const item = findPending(error.dataset.clientId);
       if (item) {
@@ -120,6 +122,27 @@
       log.scrollTop = log.scrollHeight;
     } else if (added) {
       newMarker.hidden = false;
+    }
+  }
+
+  // Keep one element per online user: a snapshot replaces the list, and a
+  // change adds or removes one user.
+  function applyPresence(fragment) {
+    const list = fragment.querySelector("#presence");
+    if (!list) return;
+    if (list.getAttribute("hx-swap-oob") === "innerHTML") {
+      presence.replaceChildren(...list.children);
+      return;
+    }
+    for (const change of list.querySelectorAll("[data-presence-change]")) {
+      const user = change.dataset.presenceUser;
+      const present = Array.from(presence.children).find((item) => item.dataset.presenceUser === user);
+      if (change.dataset.presenceChange === "leave") {
+        if (present) present.remove();
+      } else if (!present) {
+        change.removeAttribute("data-presence-change");
+        presence.appendChild(change);
+      }
     }
   }
 

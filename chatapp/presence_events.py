@@ -1,0 +1,25 @@
+"""Announce presence changes to the room's sockets on every node."""
+from __future__ import annotations
+
+import logging
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from chatapp.broadcast import PRESENCE_EVENT, room_group_name
+from chatapp.models import Room
+from chatapp.rendering import render_presence_change
+
+logger = logging.getLogger(__name__)
+
+
+async def broadcast_presence_change(sender, *, room: str, user: str, online: bool, **kwargs) -> None:
+    """Receive presence_changed (room is the slug, user the username) and publish it to the room's group."""
+    room_id = await database_sync_to_async(
+        lambda: Room.objects.filter(slug=room).values_list("pk", flat=True).first()
+    )()
+    if room_id is None:
+        logger.warning("presence change for unknown room=%s user=%s online=%s", room, user, online)
+        return
+    event = {"type": PRESENCE_EVENT, "room": room_id, "frame": render_presence_change(user, online)}
+    await get_channel_layer().group_send(room_group_name(room_id), event)

@@ -1,0 +1,164 @@
+"""Where presence lives: Redis for many nodes, memory for the single-process default.
+
+Both stores list connections, not users: a user is online in a room while
+at least one of their connections is listed, so many tabs or an overlapping
+reconnect still show them once. State is proportional to live connections
+and keeps no history.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as redis
+
+from presence import conf, scripts
+from presence.loop_local import LoopLocal
+
+logger = logging.getLogger(__name__)
+
+# Connections removed per room and reap call, so that one reap of a room
+# with a huge backlog cannot hold Redis for long.
+REAP_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Connection:
+    room: str
+    conn_id: str
+    user: str
+
+
+class PresenceStore(Protocol):
+    async def join(self, connection: Connection) -> bool:
+        """List or refresh a connection; return True when it is the user's first in the room."""
+
+    async def release(self, connection: Connection) -> None:
+        """Let a closed connection expire after the leave grace period."""
+
+    async def reap(self) -> list[tuple[str, str]]:
+        """Remove expired connections; return (room, user) for each user who went offline."""
+
+    async def online(self, room: str) -> dict[str, int]:
+        """Return the room's online users with their connection counts."""
+
+    async def rooms(self) -> list[str]:
+        """Return the rooms that have listed connections."""
+
+    async def close(self) -> None: ...
+
+
+class RedisPresenceStore:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.prefix = prefix
+        self._join = self.client.register_script(scripts.JOIN)
+        self._release = self.client.register_script(scripts.RELEASE)
+        self._reap = self.client.register_script(scripts.REAP)
+
+    def _keys(self, room: str) -> list[str]:
+        # The hash tag keeps one room's keys in one Redis Cluster slot.
+        base = f"{self.prefix}:{{{room}}}"
+        return [f"{base}:conns", f"{base}:owners", f"{base}:users", f"{self.prefix}:rooms"]
+
+    async def join(self, connection: Connection) -> bool:
+        ttl_ms = int(conf.ttl() * 1000)
+        first = await self._join(
+            keys=self._keys(connection.room), args=[connection.conn_id, connection.user, ttl_ms, connection.room]
+        )
+        return first == 1
+
+    async def release(self, connection: Connection) -> None:
+        grace_ms = int(conf.leave_grace() * 1000)
+        await self._release(keys=self._keys(connection.room), args=[connection.conn_id, grace_ms])
+
+    async def reap(self) -> list[tuple[str, str]]:
+        left = []
+        for room in await self.rooms():
+            users = await self._reap(keys=self._keys(room), args=[room, REAP_BATCH])
+            left.extend((room, user) for user in users)
+        return left
+
+    async def online(self, room: str) -> dict[str, int]:
+        counts = await self.client.hgetall(self._keys(room)[2])
+        return {user: int(count) for user, count in sorted(counts.items())}
+
+    async def rooms(self) -> list[str]:
+        return sorted(await self.client.smembers(f"{self.prefix}:rooms"))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class _MemoryRoom:
+    expiries: dict[str, float] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryPresenceStore:
+    """The Redis store's behaviour for one process, used while REDIS_URL is unset."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, _MemoryRoom] = {}
+
+    async def join(self, connection: Connection) -> bool:
+        room = self._rooms.setdefault(connection.room, _MemoryRoom())
+        known = connection.conn_id in room.expiries
+        room.expiries[connection.conn_id] = time.monotonic() + conf.ttl()
+        if known:
+            return False
+        room.owners[connection.conn_id] = connection.user
+        room.users[connection.user] = room.users.get(connection.user, 0) + 1
+        return room.users[connection.user] == 1
+
+    async def release(self, connection: Connection) -> None:
+        room = self._rooms.get(connection.room)
+        if room is None or connection.conn_id not in room.expiries:
+            return
+        grace_expiry = time.monotonic() + conf.leave_grace()
+        room.expiries[connection.conn_id] = min(room.expiries[connection.conn_id], grace_expiry)
+
+    async def reap(self) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        left = []
+        for room_key, room in list(self._rooms.items()):
+            for conn_id in [conn for conn, expiry in room.expiries.items() if expiry <= now][:REAP_BATCH]:
+                del room.expiries[conn_id]
+                user = room.owners.pop(conn_id)
+                room.users[user] -= 1
+                if room.users[user] <= 0:
+                    del room.users[user]
+                    left.append((room_key, user))
+            if not room.expiries:
+                del self._rooms[room_key]
+        return left
+
+    async def online(self, room: str) -> dict[str, int]:
+        memory_room = self._rooms.get(room)
+        return dict(sorted(memory_room.users.items())) if memory_room else {}
+
+    async def rooms(self) -> list[str]:
+        return sorted(self._rooms)
+
+    async def close(self) -> None:
+        return None
+
+
+def _make_store() -> PresenceStore:
+    url = conf.redis_url()
+    if url:
+        return RedisPresenceStore(url, conf.key_prefix())
+    logger.info("presence store in memory: REDIS_URL is unset, so presence covers this process only")
+    return MemoryPresenceStore()
+
+
+_stores: LoopLocal[PresenceStore] = LoopLocal(_make_store)
+
+
+def get_store() -> PresenceStore:
+    """Return the running event loop's presence store."""
+    return _stores.get()
