@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin
 
 from chatapp.models import Message, Room
 from chatapp.services import MessageRejected, message_create, message_validate
+from presence.store import online_now
 
 
 class MessageAdminForm(forms.ModelForm):
@@ -24,8 +26,15 @@ class MessageAdminForm(forms.ModelForm):
 class RoomAdmin(admin.ModelAdmin):
     list_display = ["slug", "title", "last_seq", "created_by", "created_at"]
     search_fields = ["slug", "title"]
-    readonly_fields = ["last_seq"]
+    readonly_fields = ["last_seq", "online_users"]
     prepopulated_fields = {"slug": ["title"]}
+
+    @admin.display(description="online now")
+    def online_users(self, obj: Room) -> str:
+        if obj.pk is None:
+            return "-"
+        online = async_to_sync(online_now)(obj.slug)
+        return ", ".join(f"{user} ({count} connections)" for user, count in online.items()) or "nobody"
 
 
 @admin.register(Message)

@@ -159,6 +159,15 @@ def _make_store() -> PresenceStore:
 _stores: LoopLocal[PresenceStore] = LoopLocal(_make_store)
 
 
+async def online_now(room: str) -> dict[str, int]:
+    """Return the room's online users through a store of its own, for callers outside the server loop."""
+    store = _make_store()
+    try:
+        return await store.online(room)
+    finally:
+        await store.close()
+
+
 def get_store() -> PresenceStore:
     """Return the running event loop's presence store."""
     return _stores.get()

@@ -27,6 +27,7 @@ MESSAGE_RE = re.compile(
     re.S,
 )
 ERROR_RE = re.compile(r'data-error="(?P<code>[^"]+)"(?: data-client-id="(?P<client_id>[^"]*)")?>(?P<text>[^<]*)<')
+PRESENCE_USER_RE = re.compile(r'<li data-presence-user="(?P<user>[^"]*)"(?: data-presence-change="(?P<change>join|leave)")?')
 ACK_RE = re.compile(r'data-ack-seq="(?P<seq>\d+)"(?: data-client-id="(?P<client_id>[^"]*)")?')
 
 
@@ -62,6 +63,14 @@ def parse_ack(frame: str) -> tuple[int, str | None] | None:
     if match is None:
         return None
     return int(match["seq"]), match["client_id"]
+
+
+def parse_presence(frame: str) -> tuple[str, list[tuple[str, str | None]]] | None:
+    """Return ("snapshot", [(user, None)...]) or ("change", [(user, "join"|"leave")...]) for a presence frame."""
+    if 'id="presence"' not in frame:
+        return None
+    kind = "snapshot" if 'hx-swap-oob="innerHTML"' in frame else "change"
+    return kind, [(match["user"], match["change"]) for match in PRESENCE_USER_RE.finditer(frame)]
 
 
 def session_cookie(user) -> str:
@@ -174,6 +183,9 @@ class SocketClient:
     messages: list[ReceivedMessage] = field(default_factory=list)
     acks: list[tuple[int, str | None]] = field(default_factory=list)
     errors: list[tuple[str, str | None, str]] = field(default_factory=list)
+    # Presence as this client would show it, and every change it was sent.
+    online: set[str] = field(default_factory=set)
+    presence_changes: list[tuple[str, str]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task | None = None
 
@@ -204,9 +216,25 @@ class SocketClient:
                 error = parse_error(frame)
                 if error:
                     self.errors.append(error)
+                self._apply_presence(frame)
                 self.arrived.set()
         except websockets.ConnectionClosed:
             pass
+
+    def _apply_presence(self, frame: str) -> None:
+        presence = parse_presence(frame)
+        if presence is None:
+            return
+        kind, users = presence
+        if kind == "snapshot":
+            self.online = {user for user, _ in users}
+            return
+        for user, change in users:
+            self.presence_changes.append((user, change))
+            if change == "join":
+                self.online.add(user)
+            else:
+                self.online.discard(user)
 
     async def send(self, body: str, client_id: str | None = None) -> None:
         import json
