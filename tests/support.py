@@ -128,7 +128,9 @@ SERVER_COMMANDS = {
 }
 
 
-def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne") -> DaphneNode:
+def start_daphne(
+    log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne", extra_args: list[str] | None = None
+) -> DaphneNode:
     """Start the app under daphne, or under `manage.py runserver` (which runs daphne too)."""
     port = free_port()
     env = {
@@ -144,7 +146,7 @@ def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server:
     log_path = log_dir / f"daphne-{port}.log"
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, *(part.format(port=port) for part in SERVER_COMMANDS[server])],
+        [sys.executable, *(part.format(port=port) for part in SERVER_COMMANDS[server]), *(extra_args or [])],
         cwd=REPO_ROOT,
         env=env,
         stdout=log_file,
@@ -167,8 +169,10 @@ def start_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server:
 
 
 @contextmanager
-def running_daphne(log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne"):
-    node = start_daphne(log_dir, extra_env, server)
+def running_daphne(
+    log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne", extra_args: list[str] | None = None
+):
+    node = start_daphne(log_dir, extra_env, server, extra_args)
     try:
         yield node
     finally:

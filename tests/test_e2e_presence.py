@@ -138,3 +138,78 @@ async def test_random_churn_across_two_nodes_ends_with_right_set(nodes, room, ma
     for _, client in open_sockets.values():
         assert client.online == expected
     await asyncio.gather(*(client.close() for _, client in open_sockets.values()))
+
+
+def open_silent_socket(node, slug: str, cookie: str) -> "socket.socket":
+    """Complete a WebSocket handshake over a plain TCP socket that then never reads again.
+
+    To the server this is a client whose network vanished: frames pile up
+    unread and pings go unanswered.
+    """
+    import base64
+    import os
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws/rooms/{slug}/?after=0 HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{node.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {node.http_url}\r\nCookie: {cookie}\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+async def group_subscribers(room_id: int) -> int:
+    import redis.asyncio as redis
+
+    from chatapp.broadcast import room_group_name
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        channel = f"{settings.CHANNEL_PREFIX}__group__{room_group_name(room_id)}"
+        [(_, count)] = await client.pubsub_numsub(channel)
+        return count
+    finally:
+        await client.aclose()
+
+
+async def test_vanished_client_during_history_push_is_dropped(tmp_path, room, alice, bob, cookie_for, store):
+    ping_interval, ping_timeout = 1, 2
+
+    def store_history() -> None:
+        from chatapp.models import Message, Room
+
+        Message.objects.bulk_create(
+            Message(room=room, seq=seq, author=alice, body=f"history {seq} " + "x" * 400) for seq in range(1, 3001)
+        )
+        Room.objects.filter(pk=room.pk).update(last_seq=3000)
+
+    await database_sync_to_async(store_history)()
+    with running_daphne(
+        tmp_path, NODE_ENV, extra_args=["--ping-interval", str(ping_interval), "--ping-timeout", str(ping_timeout)]
+    ) as node:
+        silent = await asyncio.to_thread(open_silent_socket, node, room.slug, await cookie_for(bob))
+        try:
+            await asyncio.sleep(1)
+            assert await store.online(room.slug) == {"bob": 1}
+            assert await group_subscribers(room.pk) == 1
+
+            # Unanswered pings close the socket; the leave grace and one
+            # heartbeat later the entry is reaped.
+            deadline = time.monotonic() + ping_interval + ping_timeout + LEAVE_DELAY + 2
+            while time.monotonic() < deadline and await store.online(room.slug):
+                await asyncio.sleep(0.2)
+
+            assert await store.online(room.slug) == {}
+            assert await group_subscribers(room.pk) == 0
+        finally:
+            silent.close()

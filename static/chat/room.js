@@ -30,6 +30,7 @@
   const outbox = []; // frames written while disconnected, sent in order on open
 
   function setState(state, text) {
+    stateEl.hidden = false; // hidden in the HTML, so that a page without JavaScript shows no state
     stateEl.dataset.state = state;
     stateEl.textContent = text;
   }
