@@ -125,6 +125,7 @@ class DaphneNode:
 SERVER_COMMANDS = {
     "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "chatapp.asgi:application"],
     "runserver": ["manage.py", "runserver", "--noreload", "127.0.0.1:{port}"],
+    "node": ["-m", "chatapp.node", "-b", "127.0.0.1", "-p", "{port}", "chatapp.asgi:application"],
 }
 
 

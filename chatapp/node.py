@@ -1,0 +1,92 @@
+"""Run one app node: daphne's command line, plus a graceful drain on SIGTERM.
+
+On SIGTERM the node stops accepting connections, closes every WebSocket with
+code 1012 (service restart) so that clients reconnect to another node and
+resume from their last seq, waits up to CHAT_DRAIN_TIMEOUT seconds for the
+consumers to finish their disconnect work (presence release, unsubscribe),
+then exits. Daphne itself would cancel the consumers at once, so clients
+would see an abnormal close and presence would wait for the TTL.
+
+Usage: python -m chatapp.node [daphne options] chatapp.asgi:application
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import reactor
+
+logger = logging.getLogger("chatapp.node")
+
+CLOSE_SERVICE_RESTART = 1012
+DRAIN_POLL_SECONDS = 0.1
+
+
+class DrainingServer(Server):
+    def run(self) -> None:
+        self.listening_ports = []
+        self.drain_started: float | None = None
+        self.drain_timeout = float(os.environ.get("CHAT_DRAIN_TIMEOUT", "10"))
+        reactor.callWhenRunning(self._install_sigterm_handler)
+        super().run()
+
+    def listen_success(self, port) -> None:
+        super().listen_success(port)
+        self.listening_ports.append(port)
+
+    def _install_sigterm_handler(self) -> None:
+        # Runs after the reactor installed its own handlers, so this replaces
+        # its immediate stop on SIGTERM. SIGINT still stops at once.
+        signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(self.drain))
+
+    def _open_sockets(self) -> list[WebSocketProtocol]:
+        return [
+            protocol
+            for protocol, details in self.connections.items()
+            if isinstance(protocol, WebSocketProtocol)
+            and not (details.get("application_instance") and details["application_instance"].done())
+        ]
+
+    def drain(self) -> None:
+        if self.drain_started is not None:
+            return
+        self.drain_started = time.monotonic()
+        for port in self.listening_ports:
+            port.stopListening()
+        sockets = self._open_sockets()
+        logger.info("drain started: closing %s sockets with code %s", len(sockets), CLOSE_SERVICE_RESTART)
+        for protocol in sockets:
+            try:
+                # Autobahn's sendClose() accepts only 1000 and 3000-4999 from
+                # applications, so send the 1012 frame one level lower.
+                protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, isReply=False)
+            except Exception:
+                logger.exception("drain could not close socket %r", protocol)
+        self._wait_for_sockets()
+
+    def _wait_for_sockets(self) -> None:
+        remaining = self._open_sockets()
+        elapsed = time.monotonic() - self.drain_started
+        if remaining and elapsed < self.drain_timeout:
+            reactor.callLater(DRAIN_POLL_SECONDS, self._wait_for_sockets)
+            return
+        if remaining:
+            logger.warning(
+                "drain timed out after %.1f s with %s sockets open; stopping anyway", elapsed, len(remaining)
+            )
+        else:
+            logger.info("drain finished in %.2f s", elapsed)
+        self.stop()
+
+
+class NodeCommandLineInterface(CommandLineInterface):
+    server_class = DrainingServer
+
+
+if __name__ == "__main__":
+    NodeCommandLineInterface.entrypoint()
