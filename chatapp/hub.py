@@ -26,6 +26,8 @@ from django.conf import settings
 
 from chatapp import selectors
 from chatapp.broadcast import MESSAGE_EVENT, PRESENCE_EVENT, message_event, room_group_name
+from chatapp.rendering import render_presence_change
+from presence.store import get_store
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +164,7 @@ class RoomHub:
         if feed is None:
             return
         if event_type == PRESENCE_EVENT:
-            # Presence frames carry no seq: a join or leave is applied as it comes.
-            for socket in list(feed.sockets):
-                await socket.send_unordered(event["frame"])
+            await self._on_presence_event(feed, event)
             return
 
         seq = event["seq"]
@@ -181,6 +181,15 @@ class RoomHub:
             # hold, and one that is replaying records that it exists.
             await self._dispatch(feed, seq, event["frame"])
             feed.next_seq = max(feed.next_seq or 0, seq + 1)
+
+    async def _on_presence_event(self, feed: RoomFeed, event: dict) -> None:
+        # Events are handled one at a time, and each reads the state after
+        # its change, so the last frame sent states the current truth even
+        # when two nodes' announcements arrive out of order.
+        online = await get_store().is_online(event["slug"], event["user"])
+        frame = render_presence_change(event["user"], online)
+        for socket in list(feed.sockets):
+            await socket.send_unordered(frame)
 
     async def _gap_check_loop(self) -> None:
         interval = settings.CHAT_GAP_CHECK_INTERVAL

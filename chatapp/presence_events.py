@@ -8,7 +8,6 @@ from channels.layers import get_channel_layer
 
 from chatapp.broadcast import PRESENCE_EVENT, room_group_name
 from chatapp.models import Room
-from chatapp.rendering import render_presence_change
 
 logger = logging.getLogger(__name__)
 
@@ -21,5 +20,8 @@ async def broadcast_presence_change(sender, *, room: str, user: str, online: boo
     if room_id is None:
         logger.warning("presence change for unknown room=%s user=%s online=%s", room, user, online)
         return
-    event = {"type": PRESENCE_EVENT, "room": room_id, "frame": render_presence_change(user, online)}
+    # The event names the user but not the change: announcements from two
+    # nodes can cross in Redis, so each receiving node reads the user's
+    # current state when it applies the event (see RoomHub).
+    event = {"type": PRESENCE_EVENT, "room": room_id, "slug": room, "user": user}
     await get_channel_layer().group_send(room_group_name(room_id), event)

@@ -19,6 +19,11 @@ def leave_grace() -> float:
     return float(getattr(settings, "PRESENCE_LEAVE_GRACE", 3.0))
 
 
+def redis_pool_size() -> int:
+    """Maximum Redis connections of one process's presence store."""
+    return int(getattr(settings, "PRESENCE_REDIS_POOL_SIZE", 10))
+
+
 def key_prefix() -> str:
     return getattr(settings, "PRESENCE_KEY_PREFIX", "presence")
 

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 # Connections removed per room and reap call, so that one reap of a room
 # with a huge backlog cannot hold Redis for long.
 REAP_BATCH = 1000
+# Connections refreshed per pipeline round trip.
+REFRESH_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class PresenceStore(Protocol):
     async def join(self, connection: Connection) -> bool:
         """List or refresh a connection; return True when it is the user's first in the room."""
 
+    async def refresh(self, connections: list[Connection]) -> list[Connection]:
+        """Extend the expiry of live connections; return those that had been reaped and are listed again."""
+
     async def release(self, connection: Connection) -> None:
         """Let a closed connection expire after the leave grace period."""
 
@@ -44,6 +49,12 @@ class PresenceStore(Protocol):
     async def online(self, room: str) -> dict[str, int]:
         """Return the room's online users with their connection counts."""
 
+    async def trim_idle(self) -> None:
+        """Release resources that a burst left idle."""
+
+    async def is_online(self, room: str, user: str) -> bool:
+        """Return whether the user has a listed connection in the room."""
+
     async def rooms(self) -> list[str]:
         """Return the rooms that have listed connections."""
 
@@ -52,7 +63,12 @@ class PresenceStore(Protocol):
 
 class RedisPresenceStore:
     def __init__(self, url: str, prefix: str) -> None:
-        self.client = redis.Redis.from_url(url, decode_responses=True)
+        # A bounded pool: a burst of connects waits for a free Redis
+        # connection instead of opening one per socket.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=conf.redis_pool_size(), timeout=10, decode_responses=True
+        )
+        self.client = redis.Redis(connection_pool=pool)
         self.prefix = prefix
         self._join = self.client.register_script(scripts.JOIN)
         self._release = self.client.register_script(scripts.RELEASE)
@@ -70,6 +86,24 @@ class RedisPresenceStore:
         )
         return first == 1
 
+    async def refresh(self, connections: list[Connection]) -> list[Connection]:
+        # One pipeline per batch: a node with thousands of sockets refreshes
+        # them in a few round trips instead of one each.
+        ttl_ms = int(conf.ttl() * 1000)
+        restored = []
+        for start in range(0, len(connections), REFRESH_BATCH):
+            batch = connections[start : start + REFRESH_BATCH]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for connection in batch:
+                    await self._join(
+                        keys=self._keys(connection.room),
+                        args=[connection.conn_id, connection.user, ttl_ms, connection.room],
+                        client=pipe,
+                    )
+                results = await pipe.execute()
+            restored.extend(connection for connection, first in zip(batch, results) if first == 1)
+        return restored
+
     async def release(self, connection: Connection) -> None:
         grace_ms = int(conf.leave_grace() * 1000)
         await self._release(keys=self._keys(connection.room), args=[connection.conn_id, grace_ms])
@@ -85,11 +119,19 @@ class RedisPresenceStore:
         counts = await self.client.hgetall(self._keys(room)[2])
         return {user: int(count) for user, count in sorted(counts.items())}
 
+    async def is_online(self, room: str, user: str) -> bool:
+        return bool(await self.client.hexists(self._keys(room)[2], user))
+
     async def rooms(self) -> list[str]:
         return sorted(await self.client.smembers(f"{self.prefix}:rooms"))
 
+    async def trim_idle(self) -> None:
+        """Close idle pooled connections, so that the count returns to what is in use after a burst."""
+        await self.client.connection_pool.disconnect(inuse_connections=False)
+
     async def close(self) -> None:
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()
 
 
 @dataclass
@@ -114,6 +156,9 @@ class MemoryPresenceStore:
         room.owners[connection.conn_id] = connection.user
         room.users[connection.user] = room.users.get(connection.user, 0) + 1
         return room.users[connection.user] == 1
+
+    async def refresh(self, connections: list[Connection]) -> list[Connection]:
+        return [connection for connection in connections if await self.join(connection)]
 
     async def release(self, connection: Connection) -> None:
         room = self._rooms.get(connection.room)
@@ -141,8 +186,15 @@ class MemoryPresenceStore:
         memory_room = self._rooms.get(room)
         return dict(sorted(memory_room.users.items())) if memory_room else {}
 
+    async def is_online(self, room: str, user: str) -> bool:
+        memory_room = self._rooms.get(room)
+        return memory_room is not None and user in memory_room.users
+
     async def rooms(self) -> list[str]:
         return sorted(self._rooms)
+
+    async def trim_idle(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

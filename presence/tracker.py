@@ -42,15 +42,15 @@ class PresenceTracker:
     async def heartbeat(self) -> None:
         """Refresh this node's connections, then reap expired ones on every node's behalf."""
         store = get_store()
-        for connection in list(self.connections.values()):
-            # A connection reaped while this node was stalled comes back here,
-            # and its user is announced again if they had gone offline.
-            if await store.join(connection):
-                logger.info("presence restored room=%s user=%s conn=%s", connection.room, connection.user, connection.conn_id)
-                await announce(connection.room, connection.user, online=True)
+        # A connection reaped while this node was stalled (or lost with a
+        # Redis restart) comes back here, and its user is announced again.
+        for connection in await store.refresh(list(self.connections.values())):
+            logger.info("presence restored room=%s user=%s conn=%s", connection.room, connection.user, connection.conn_id)
+            await announce(connection.room, connection.user, online=True)
         for room, user in await store.reap():
             logger.info("presence reaped room=%s user=%s", room, user)
             await announce(room, user, online=False)
+        await store.trim_idle()
 
     async def close(self) -> None:
         if self._heartbeat is not None:
