@@ -124,11 +124,15 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 # runs and several deployments can share one Redis server.
 CHANNEL_PREFIX = os.environ.get("CHANNEL_PREFIX", "chat")
 
+# Pub/sub traffic can be spread over several Redis servers: channels-redis
+# assigns each group to one of them by a consistent hash of its name.
+CHANNEL_REDIS_URLS = [url.strip() for url in os.environ.get("CHANNEL_REDIS_URLS", "").split(",") if url.strip()]
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNEL_PREFIX},
+            "CONFIG": {"hosts": CHANNEL_REDIS_URLS or [REDIS_URL], "prefix": CHANNEL_PREFIX},
         }
     }
 else:
