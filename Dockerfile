@@ -9,4 +9,4 @@ COPY manage.py ./
 COPY templates ./templates
 COPY static ./static
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "chatapp.asgi:application"]
+CMD ["python", "-m", "chatapp.node", "-b", "0.0.0.0", "-p", "8000", "chatapp.asgi:application"]

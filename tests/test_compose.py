@@ -46,3 +46,11 @@ def test_nginx_config_upgrades_websockets_to_both_nodes():
     assert "proxy_http_version 1.1;" in config
     assert "proxy_set_header Upgrade $http_upgrade;" in config
     assert "proxy_set_header Connection $connection_upgrade;" in config
+
+
+def test_app_nodes_drain_before_being_killed():
+    services = load_compose()["services"]
+    for name in ("app1", "app2"):
+        assert services[name]["stop_grace_period"] == "15s"
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert 'CMD ["python", "-m", "chatapp.node"' in dockerfile
