@@ -1,6 +1,6 @@
 """The per-process room hub: one subscription per room, one frame per message.
 
-Each process holds one hub per event loop. The hub subscribes one channel to
+Each process has one hub per event loop. The hub subscribes one channel to
 the group of every room that has a local socket, receives each message event
 once and hands its pre-rendered frame to the room's local sockets in seq
 order. It fills gaps from the database: when an event arrives with a seq
@@ -207,7 +207,7 @@ class RoomHub:
 
         A message seen committed at one check and still not dispatched at the
         next is filled from the database, so a lost event arrives within two
-        intervals; an event that is merely in flight costs no query.
+        intervals. An event that is merely in flight costs no query.
         """
         feeds = [feed for feed in self.feeds.values() if feed.next_seq is not None]
         if not feeds:

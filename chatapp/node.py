@@ -1,10 +1,10 @@
 """Run one app node: daphne's command line, plus a graceful drain on SIGTERM.
 
-On SIGTERM the node stops accepting connections, closes every WebSocket with
-code 1012 (service restart) so that clients reconnect to another node and
-resume from their last seq, waits up to CHAT_DRAIN_TIMEOUT seconds for the
-consumers to finish their disconnect work (presence release, unsubscribe),
-then exits. Daphne itself would cancel the consumers at once, so clients
+On SIGTERM the node stops accepting connections and closes every WebSocket
+with code 1012 (service restart), so that clients reconnect to another node
+and resume from their last seq. It waits up to CHAT_DRAIN_TIMEOUT seconds
+for the consumers to finish their disconnect work (presence release,
+unsubscribe), then exits. Daphne itself would cancel the consumers at once, so clients
 would see an abnormal close and presence would wait for the TTL.
 
 Usage: python -m chatapp.node [daphne options] chatapp.asgi:application

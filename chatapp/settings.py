@@ -167,10 +167,11 @@ CHAT_PAGE_SIZE = 50
 CHAT_REPLAY_PAGE_SIZE = int(os.environ.get("CHAT_REPLAY_PAGE_SIZE", "200"))
 CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 
-# Presence, in seconds: how often each node refreshes its connections and
-# reaps expired ones, how long an unrefreshed connection stays listed (a
-# crashed node's users are reaped within TTL plus one interval), and how long
-# a closed one stays listed so that a quick reconnect shows no leave and join.
+# Presence timings in seconds. The interval is how often each node refreshes
+# its connections and reaps expired ones. The TTL is how long an unrefreshed
+# connection stays listed, so a crashed node's users are reaped within TTL
+# plus one interval. The grace is how long a closed connection stays listed,
+# so that a quick reconnect shows no leave and join.
 PRESENCE_HEARTBEAT_INTERVAL = env_float("PRESENCE_HEARTBEAT_INTERVAL", 5.0)
 PRESENCE_TTL = env_float("PRESENCE_TTL", 15.0)
 PRESENCE_LEAVE_GRACE = env_float("PRESENCE_LEAVE_GRACE", 3.0)

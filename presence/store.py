@@ -1,4 +1,4 @@
-"""Where presence lives: Redis for many nodes, memory for the single-process default.
+"""Presence stores: Redis for many nodes, memory for the single-process default.
 
 Both stores list connections, not users: a user is online in a room while
 at least one of their connections is listed, so many tabs or an overlapping
