@@ -14,6 +14,7 @@ from django.conf import settings
 from chatapp import selectors
 from chatapp.hub import get_hub
 from chatapp.models import Room
+from chatapp.ratelimit import get_rate_limiter
 from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame, render_presence_list
 from chatapp.services import MessageRejected, message_create
 from presence.store import Connection, get_store
@@ -204,6 +205,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
 
         client_id = payload.get("client_id")
+        echoed_client_id = client_id if isinstance(client_id, str) and len(client_id) <= 64 else None
+        wait_seconds = await get_rate_limiter().take(user.pk)
+        if wait_seconds:
+            logger.info("frame rejected room=%s user=%s channel=%s code=rate_limited", self.room.pk, user.pk, self.socket_id)
+            await self.send_error(
+                "rate_limited", f"Too many messages: wait {wait_seconds:.1f} s, then send again.", echoed_client_id
+            )
+            return
         try:
             result = await database_sync_to_async(message_create)(
                 room=self.room, author=user, body=payload.get("body"), client_id=client_id
@@ -212,7 +221,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
             logger.info(
                 "frame rejected room=%s user=%s channel=%s code=%s", self.room.pk, user.pk, self.socket_id, exc.code
             )
-            echoed_client_id = client_id if isinstance(client_id, str) and len(client_id) <= 64 else None
             await self.send_error(exc.code, exc.text, echoed_client_id)
             return
         await self.send(text_data=render_ack_frame(result.message))

@@ -32,16 +32,20 @@ class DrainingServer(Server):
         self.listening_ports = []
         self.drain_started: float | None = None
         self.drain_timeout = float(os.environ.get("CHAT_DRAIN_TIMEOUT", "10"))
-        reactor.callWhenRunning(self._install_sigterm_handler)
+        reactor.callWhenRunning(self._configure_when_running)
         super().run()
 
     def listen_success(self, port) -> None:
         super().listen_success(port)
         self.listening_ports.append(port)
 
-    def _install_sigterm_handler(self) -> None:
-        # Runs after the reactor installed its own handlers, so this replaces
-        # its immediate stop on SIGTERM. SIGINT still stops at once.
+    def _configure_when_running(self) -> None:
+        # Autobahn drops the TCP connection on a protocol violation such as an
+        # oversized message by default; send the close frame (1009) instead,
+        # so that the client learns why.
+        self.ws_factory.setProtocolOptions(failByDrop=False)
+        # This runs after the reactor installed its own handlers, so it
+        # replaces the reactor's immediate stop on SIGTERM. SIGINT still stops at once.
         signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(self.drain))
 
     def _open_sockets(self) -> list[WebSocketProtocol]:
@@ -84,8 +88,20 @@ class DrainingServer(Server):
         self.stop()
 
 
+# A message holds at most 4,000 characters of body; 64 KiB leaves room for
+# JSON escaping and htmx's extra fields. Larger frames are closed with 1009
+# by autobahn before the consumer sees them.
+DEFAULT_MAX_MESSAGE_BYTES = "65536"
+
+
 class NodeCommandLineInterface(CommandLineInterface):
     server_class = DrainingServer
+
+    def run(self, args: list[str]) -> None:
+        for option in ("--websocket-max-message-size", "--websocket-max-frame-size"):
+            if not any(arg.startswith(option) for arg in args):
+                args = [option, DEFAULT_MAX_MESSAGE_BYTES, *args]
+        super().run(args)
 
 
 if __name__ == "__main__":

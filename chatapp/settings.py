@@ -172,6 +172,12 @@ CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 # connection stays listed, so a crashed node's users are reaped within TTL
 # plus one interval. The grace is how long a closed connection stays listed,
 # so that a quick reconnect shows no leave and join.
+# Posting limit per user, shared by all nodes: a token bucket refilled at
+# CHAT_RATE_LIMIT_PER_SECOND messages a second that holds at most
+# CHAT_RATE_LIMIT_BURST messages.
+CHAT_RATE_LIMIT_PER_SECOND = env_float("CHAT_RATE_LIMIT_PER_SECOND", 5.0)
+CHAT_RATE_LIMIT_BURST = env_float("CHAT_RATE_LIMIT_BURST", 20.0)
+
 PRESENCE_HEARTBEAT_INTERVAL = env_float("PRESENCE_HEARTBEAT_INTERVAL", 5.0)
 PRESENCE_TTL = env_float("PRESENCE_TTL", 15.0)
 PRESENCE_LEAVE_GRACE = env_float("PRESENCE_LEAVE_GRACE", 3.0)

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import connection
 
 from chatapp.hub import close_hub
+from chatapp.ratelimit import close_rate_limiter
 from presence.tracker import close_tracker
 from chatapp.models import Room
 from tests.support import session_cookie
@@ -91,6 +92,7 @@ async def hub_cleanup():
     yield
     await close_hub()
     await close_tracker()
+    await close_rate_limiter()
 
 
 @pytest.fixture(autouse=True)
@@ -98,8 +100,9 @@ def clean_presence_keys():
     """Start every test with no presence state, since rooms of different tests share slugs."""
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
-        for key in client.scan_iter(f"{settings.PRESENCE_KEY_PREFIX}:*"):
-            client.delete(key)
+        for pattern in (f"{settings.PRESENCE_KEY_PREFIX}:*", f"{settings.CHANNEL_PREFIX}:ratelimit:*"):
+            for key in client.scan_iter(pattern):
+                client.delete(key)
         yield
     finally:
         client.close()
