@@ -130,10 +130,14 @@ SERVER_COMMANDS = {
 
 
 def start_daphne(
-    log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne", extra_args: list[str] | None = None
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    server: str = "daphne",
+    extra_args: list[str] | None = None,
+    port: int | None = None,
 ) -> DaphneNode:
     """Start the app under daphne, or under `manage.py runserver` (which runs daphne too)."""
-    port = free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         "DATABASE_URL": current_database_url(),
@@ -142,6 +146,9 @@ def start_daphne(
         "SECRET_KEY": settings.SECRET_KEY,
         "DEBUG": "0",
         "CHAT_GAP_CHECK_INTERVAL": "0.5",
+        # Load tests post faster than a person; the rate-limit tests lower these.
+        "CHAT_RATE_LIMIT_PER_SECOND": "1000",
+        "CHAT_RATE_LIMIT_BURST": "1000",
         **(extra_env or {}),
     }
     log_path = log_dir / f"daphne-{port}.log"
@@ -171,9 +178,13 @@ def start_daphne(
 
 @contextmanager
 def running_daphne(
-    log_dir: Path, extra_env: dict[str, str] | None = None, server: str = "daphne", extra_args: list[str] | None = None
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    server: str = "daphne",
+    extra_args: list[str] | None = None,
+    port: int | None = None,
 ):
-    node = start_daphne(log_dir, extra_env, server, extra_args)
+    node = start_daphne(log_dir, extra_env, server, extra_args, port=port)
     try:
         yield node
     finally:
