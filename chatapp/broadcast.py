@@ -7,7 +7,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from chatapp.models import Message
-from chatapp.rendering import render_messages_frame
+from chatapp.rendering import render_messages_frame, render_removal_frame
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +15,11 @@ logger = logging.getLogger(__name__)
 # connection in a room appearing or last one going.
 MESSAGE_EVENT = "chat.message"
 PRESENCE_EVENT = "chat.presence"
+REMOVAL_EVENT = "chat.removal"
+BAN_EVENT = "chat.ban"
+
+# Group of every hub, for events that concern sockets in any room.
+CONTROL_GROUP = "control"
 
 
 def room_group_name(room_id: int) -> str:
@@ -31,6 +36,10 @@ def message_event(message: Message) -> dict:
     }
 
 
+def _group_send(group: str, event: dict) -> None:
+    async_to_sync(get_channel_layer().group_send)(group, event)
+
+
 def publish_message(message: Message) -> None:
     """Send the message event to every node subscribed to the room.
 
@@ -38,10 +47,9 @@ def publish_message(message: Message) -> None:
     message is committed, and every node's gap check reads it from the
     database within two gap-check intervals.
     """
-    layer = get_channel_layer()
     event = message_event(message)
     try:
-        async_to_sync(layer.group_send)(room_group_name(message.room_id), event)
+        _group_send(room_group_name(message.room_id), event)
     except Exception:
         logger.exception(
             "publish failed room=%s seq=%s message=%s; the gap check will deliver it",
@@ -49,3 +57,22 @@ def publish_message(message: Message) -> None:
             message.seq,
             message.pk,
         )
+
+
+def publish_removal(message: Message) -> None:
+    """Tell every page of the room to replace a hidden message with its placeholder."""
+    event = {"type": REMOVAL_EVENT, "room": message.room_id, "frame": render_removal_frame(message.seq)}
+    try:
+        _group_send(room_group_name(message.room_id), event)
+    except Exception:
+        # Pages show the placeholder after their next load or replay.
+        logger.exception("removal publish failed room=%s seq=%s", message.room_id, message.seq)
+
+
+def publish_ban(user_id: int) -> None:
+    """Ask every node to close the user's sockets."""
+    try:
+        _group_send(CONTROL_GROUP, {"type": BAN_EVENT, "user": user_id})
+    except Exception:
+        # The user is inactive already: their sockets cannot reconnect.
+        logger.exception("ban publish failed user=%s; open sockets stay until they reconnect", user_id)

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 # Close codes sent after the handshake, documented in the README.
 CLOSE_BAD_AFTER = 4400
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_BANNED = 4403
 CLOSE_ROOM_NOT_FOUND = 4404
 CLOSE_SERVER_ERROR = 1011
 
@@ -73,7 +74,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             logger.info("socket rejected: not logged in room=%s", slug)
             await self.reject(CLOSE_UNAUTHENTICATED)
             return
-        self.room = await Room.objects.filter(slug=slug).afirst()
+        self.room = await database_sync_to_async(lambda: selectors.rooms_visible_to(user).filter(slug=slug).first())()
         if self.room is None:
             logger.info("socket rejected: room not found room=%s user=%s", slug, user.pk)
             await self.reject(CLOSE_ROOM_NOT_FOUND)
@@ -157,6 +158,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         self.next_seq = seq + 1
         await self.send(text_data=frame)
+
+    def belongs_to(self, user_id: int) -> bool:
+        return self.scope["user"].pk == user_id
+
+    async def close_banned(self) -> None:
+        logger.info("socket closed: user banned room=%s user=%s channel=%s", self.room.pk, self.scope["user"].pk, self.socket_id)
+        await self.close(CLOSE_BANNED)
 
     async def send_unordered(self, frame: str) -> None:
         """Send a frame that carries no seq, such as a presence change."""

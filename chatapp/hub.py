@@ -25,7 +25,15 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chatapp import selectors
-from chatapp.broadcast import MESSAGE_EVENT, PRESENCE_EVENT, message_event, room_group_name
+from chatapp.broadcast import (
+    BAN_EVENT,
+    CONTROL_GROUP,
+    MESSAGE_EVENT,
+    PRESENCE_EVENT,
+    REMOVAL_EVENT,
+    message_event,
+    room_group_name,
+)
 from chatapp.rendering import render_presence_change
 from presence.store import get_store
 
@@ -38,6 +46,10 @@ class RoomSocket(Protocol):
     async def deliver(self, seq: int, frame: str) -> None: ...
 
     async def send_unordered(self, frame: str) -> None: ...
+
+    def belongs_to(self, user_id: int) -> bool: ...
+
+    async def close_banned(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -137,6 +149,7 @@ class RoomHub:
             if self.channel is not None:
                 return
             self.channel = await self.layer.new_channel()
+            await self.layer.group_add(CONTROL_GROUP, self.channel)
             self._tasks.append(asyncio.ensure_future(self._receive_loop()))
             self._tasks.append(asyncio.ensure_future(self._gap_check_loop()))
             logger.info("hub started channel=%s", self.channel)
@@ -157,7 +170,10 @@ class RoomHub:
 
     async def _on_event(self, event: dict) -> None:
         event_type = event.get("type")
-        if event_type not in (MESSAGE_EVENT, PRESENCE_EVENT):
+        if event_type == BAN_EVENT:
+            await self._on_ban(event["user"])
+            return
+        if event_type not in (MESSAGE_EVENT, PRESENCE_EVENT, REMOVAL_EVENT):
             logger.warning("unknown event type=%r channel=%s", event_type, self.channel)
             return
         feed = self.feeds.get(event["room"])
@@ -165,6 +181,10 @@ class RoomHub:
             return
         if event_type == PRESENCE_EVENT:
             await self._on_presence_event(feed, event)
+            return
+        if event_type == REMOVAL_EVENT:
+            for socket in list(feed.sockets):
+                await socket.send_unordered(event["frame"])
             return
 
         seq = event["seq"]
@@ -190,6 +210,12 @@ class RoomHub:
         frame = render_presence_change(event["user"], online)
         for socket in list(feed.sockets):
             await socket.send_unordered(frame)
+
+    async def _on_ban(self, user_id: int) -> None:
+        sockets = [socket for feed in self.feeds.values() for socket in feed.sockets if socket.belongs_to(user_id)]
+        for socket in sockets:
+            await socket.close_banned()
+        logger.info("ban applied user=%s closed_sockets=%s channel=%s", user_id, len(sockets), self.channel)
 
     async def _gap_check_loop(self) -> None:
         interval = settings.CHAT_GAP_CHECK_INTERVAL

@@ -17,6 +17,11 @@ class Room(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     # Only message_create changes this, under the row lock of this room.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    is_private = models.BooleanField(
+        default=False, help_text="Only members (and staff) can see a private room or connect to it."
+    )
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="private_rooms")
+    is_archived = models.BooleanField(default=False, help_text="An archived room can be read but not posted to.")
 
     class Meta:
         ordering = ["slug"]
@@ -36,6 +41,9 @@ class Message(models.Model):
     # the stored message instead of storing a copy.
     client_id = models.CharField(max_length=64, null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    # Moderators hide messages instead of deleting them, because a deleted
+    # row would leave a hole in the room's seq that clients wait to fill.
+    hidden_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["room", "seq"]

@@ -47,3 +47,8 @@ def render_presence_list(online: dict[str, int]) -> str:
 def render_presence_change(user: str, online: bool) -> str:
     """Render the frame that adds a user to or removes one from the online list."""
     return render_to_string("chat/_presence_change_frame.html", {"user": user, "online": online}).strip()
+
+
+def render_removal_frame(seq: int) -> str:
+    """Render the frame that tells a page to show a hidden message's placeholder."""
+    return f'<div id="message-updates" hx-swap-oob="beforeend"><span hidden data-removed-seq="{int(seq)}"></span></div>'

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.db.models import Q, QuerySet
 
 from chatapp.models import Message, Room
+
+
+def rooms_visible_to(user) -> QuerySet[Room]:
+    """Return the rooms the user may see: public ones, and private ones they belong to (staff see all)."""
+    if user.is_staff:
+        return Room.objects.all()
+    return Room.objects.filter(Q(is_private=False) | Q(members=user)).distinct()
 
 
 def messages_latest(room: Room, limit: int | None = None) -> list[Message]:

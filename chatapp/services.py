@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, Group
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from chatapp import broadcast
 from chatapp.forms import MessageForm
 from chatapp.models import Message, Room
 
 logger = logging.getLogger(__name__)
+
+# Members of this auth group can read but not post.
+MUTED_GROUP = "muted"
 
 # Data-error codes of rejected messages, by form field and Django error code.
 ERROR_CODES = {
@@ -68,10 +72,14 @@ def message_create(
     (created=False) and broadcasts nothing, so a retried send is stored once.
     """
     body, client_id = message_validate(body, client_id)
+    if author.groups.filter(name=MUTED_GROUP).exists():
+        raise MessageRejected("muted", "You are muted: you can read this room but not post to it.")
 
     try:
         with transaction.atomic():
             locked_room = Room.objects.select_for_update().get(pk=room.pk)
+            if locked_room.is_archived:
+                raise MessageRejected("room_archived", "This room is archived: it can be read but not posted to.")
             if client_id is not None:
                 existing = _message_by_client_id(author, client_id)
                 if existing is not None:
@@ -118,3 +126,39 @@ def room_create(*, slug: str, title: str, created_by: AbstractBaseUser | None = 
     if created:
         logger.info("room created room=%s slug=%s", room.pk, room.slug)
     return room, created
+
+
+def message_hide(message: Message) -> bool:
+    """Hide a message from every page, live; return False when it was already hidden.
+
+    The row stays, so the room's seq keeps no holes; pages and replays show a
+    placeholder in its place.
+    """
+    with transaction.atomic():
+        updated = Message.objects.filter(pk=message.pk, hidden_at__isnull=True).update(hidden_at=timezone.now())
+        if updated:
+            transaction.on_commit(lambda: broadcast.publish_removal(message))
+    if updated:
+        logger.info("message hidden room=%s seq=%s message=%s", message.room_id, message.seq, message.pk)
+    return bool(updated)
+
+
+def user_mute(user: AbstractBaseUser) -> None:
+    """Let the user read but not post, on every node from the next message on."""
+    group, _ = Group.objects.get_or_create(name=MUTED_GROUP)
+    user.groups.add(group)
+    logger.info("user muted user=%s", user.pk)
+
+
+def user_unmute(user: AbstractBaseUser) -> None:
+    user.groups.remove(*Group.objects.filter(name=MUTED_GROUP))
+    logger.info("user unmuted user=%s", user.pk)
+
+
+def user_ban(user: AbstractBaseUser) -> None:
+    """Deactivate the user and close every socket of theirs on every node."""
+    type(user).objects.filter(pk=user.pk).update(is_active=False)
+    # An inactive user's session no longer authenticates, so pages redirect
+    # to the login and new sockets close with 4401.
+    transaction.on_commit(lambda: broadcast.publish_ban(user.pk))
+    logger.info("user banned user=%s", user.pk)

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def room_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "chat/room_list.html", {"rooms": Room.objects.all(), "form": RoomCreateForm()})
+    rooms = selectors.rooms_visible_to(request.user)
+    return render(request, "chat/room_list.html", {"rooms": rooms, "form": RoomCreateForm()})
 
 
 @require_http_methods(["GET", "POST"])
@@ -36,7 +37,7 @@ def room_create(request: HttpRequest) -> HttpResponse:
 
 
 def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    room = get_object_or_404(Room, slug=slug)
+    room = get_object_or_404(selectors.rooms_visible_to(request.user), slug=slug)
     return _render_room(request, room, MessageForm())
 
 
@@ -59,7 +60,7 @@ def _render_room(request: HttpRequest, room: Room, form: MessageForm, status: in
 @require_http_methods(["GET", "POST"])
 def room_messages(request: HttpRequest, slug: str) -> HttpResponse:
     """GET: a page of messages before `before`. POST: the form fallback for posting without JavaScript."""
-    room = get_object_or_404(Room, slug=slug)
+    room = get_object_or_404(selectors.rooms_visible_to(request.user), slug=slug)
     if request.method == "POST":
         return _post_message(request, room)
 

@@ -22,8 +22,8 @@ from django.db import connection
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MESSAGE_RE = re.compile(
-    r'<article class="message" data-seq="(?P<seq>\d+)" data-author="(?P<author>[^"]*)"'
-    r'(?: data-client-id="(?P<client_id>[^"]*)")?>.*?<p class="body">(?P<body>.*?)</p></article>',
+    r'<article class="message(?: removed)?" data-seq="(?P<seq>\d+)" data-author="(?P<author>[^"]*)"'
+    r'(?: data-client-id="(?P<client_id>[^"]*)")?(?: data-removed)?>.*?<p class="body">(?P<body>.*?)</p></article>',
     re.S,
 )
 ERROR_RE = re.compile(r'data-error="(?P<code>[^"]+)"(?: data-client-id="(?P<client_id>[^"]*)")?>(?P<text>[^<]*)<')

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import random
 import signal
+import socket
 import time
 from contextlib import ExitStack
 
@@ -146,10 +149,6 @@ def open_silent_socket(node, slug: str, cookie: str) -> "socket.socket":
     To the server this is a client whose network vanished: frames pile up
     unread and pings go unanswered.
     """
-    import base64
-    import os
-    import socket
-
     sock = socket.create_connection(("127.0.0.1", node.port), timeout=5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     key = base64.b64encode(os.urandom(16)).decode()
