@@ -88,19 +88,25 @@ class DrainingServer(Server):
         self.stop()
 
 
-# A message holds at most 4,000 characters of body; 64 KiB leaves room for
-# JSON escaping and htmx's extra fields. Larger frames are closed with 1009
-# by autobahn before the consumer sees them.
-DEFAULT_MAX_MESSAGE_BYTES = "65536"
+# Defaults that differ from daphne's. A message holds at most 4,000
+# characters of body; 64 KiB leaves room for JSON escaping and htmx's extra
+# fields, and larger frames are closed with 1009 by autobahn before the
+# consumer sees them. Daphne drops a handshake not finished within 5 s, which
+# fails connects on a busy node during a reconnect storm, so allow 20 s.
+DEFAULT_OPTIONS = {
+    "--websocket-max-message-size": "65536",
+    "--websocket-max-frame-size": "65536",
+    "--websocket_connect_timeout": "20",
+}
 
 
 class NodeCommandLineInterface(CommandLineInterface):
     server_class = DrainingServer
 
     def run(self, args: list[str]) -> None:
-        for option in ("--websocket-max-message-size", "--websocket-max-frame-size"):
+        for option, value in DEFAULT_OPTIONS.items():
             if not any(arg.startswith(option) for arg in args):
-                args = [option, DEFAULT_MAX_MESSAGE_BYTES, *args]
+                args = [option, value, *args]
         super().run(args)
 
 

@@ -1,6 +1,7 @@
 """A per-user token bucket for posting, shared by every node through Redis."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -8,6 +9,8 @@ import redis.asyncio as redis
 from django.conf import settings
 
 from presence.loop_local import LoopLocal
+
+logger = logging.getLogger(__name__)
 
 # KEYS[1]: the user's bucket. ARGV: refill rate in tokens a second, burst size.
 # Returns -1 when a token was taken, else the milliseconds until one is free.
@@ -41,10 +44,16 @@ class RedisRateLimiter:
 
     async def take(self, user_id: int) -> float:
         """Take a token for the user; return 0 when allowed, else the seconds until a token is free."""
-        wait_ms = await self._take(
-            keys=[f"{self.prefix}:{user_id}"],
-            args=[settings.CHAT_RATE_LIMIT_PER_SECOND, settings.CHAT_RATE_LIMIT_BURST],
-        )
+        try:
+            wait_ms = await self._take(
+                keys=[f"{self.prefix}:{user_id}"],
+                args=[settings.CHAT_RATE_LIMIT_PER_SECOND, settings.CHAT_RATE_LIMIT_BURST],
+            )
+        except redis.RedisError as exc:
+            # Fail open: while Redis is down, posts are stored in PostgreSQL
+            # and delivered by the gap check, so refusing them would lose more.
+            logger.warning("rate limit check failed user=%s: %s; allowing the post", user_id, exc)
+            return 0.0
         return 0.0 if wait_ms < 0 else wait_ms / 1000
 
     async def close(self) -> None:

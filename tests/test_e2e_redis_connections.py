@@ -42,10 +42,10 @@ async def test_redis_connections_bounded_under_socket_churn(tmp_path, room, make
 
         sockets: list[SocketClient] = []
         peak = baseline
-        for start in range(0, SOCKETS, 200):
+        for start in range(0, SOCKETS, 100):
             batch = [
                 SocketClient.connect(nodes[number % 2], room.slug, cookies[number % USERS])
-                for number in range(start, start + 200)
+                for number in range(start, start + 100)
             ]
             sockets.extend(await asyncio.gather(*batch))
             peak = max(peak, connected_clients(redis_server.url))
