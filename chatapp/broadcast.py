@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -33,6 +34,8 @@ def message_event(message: Message) -> dict:
         "room": message.room_id,
         "seq": message.seq,
         "frame": render_messages_frame([message]),
+        # Wall-clock time of the commit, for the delivery-latency histogram.
+        "committed_at": time.time(),
     }
 
 

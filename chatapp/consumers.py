@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chatapp import selectors
+from chatapp import metrics, selectors
 from chatapp.hub import get_hub
 from chatapp.models import Room
 from chatapp.ratelimit import get_rate_limiter
@@ -92,6 +92,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             after = self.room.last_seq
         self.next_seq = after + 1
         await self.accept()
+        metrics.SOCKETS_OPEN.inc()
 
         try:
             await get_hub().join(self.room.pk, self)
@@ -122,6 +123,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.room is None:
             return
+        metrics.SOCKETS_OPEN.dec()
         if self.catch_up_task is not None:
             self.catch_up_task.cancel()
         await get_hub().leave(self.room.pk, self)
@@ -157,6 +159,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.start_catch_up()
             return
         self.next_seq = seq + 1
+        metrics.DELIVERIES.inc()
         await self.send(text_data=frame)
 
     def belongs_to(self, user_id: int) -> bool:
@@ -184,6 +187,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                     self.room.pk, self.next_seq - 1, page_size
                 )
                 if count:
+                    metrics.REPLAYED.inc(count)
                     self.next_seq = last_seq + 1
                     await self.send(text_data=frame)
                 if count < page_size and self.max_seen < self.next_seq:
@@ -234,6 +238,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=render_ack_frame(result.message))
 
     async def send_error(self, code: str, text: str, client_id: str | None = None) -> None:
+        metrics.REJECTED_FRAMES.labels(code=code).inc()
         await self.send(text_data=render_error_frame(code, text, client_id))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,7 +25,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from chatapp import selectors
+from chatapp import metrics, selectors
 from chatapp.broadcast import (
     BAN_EVENT,
     CONTROL_GROUP,
@@ -197,6 +198,8 @@ class RoomHub:
                     seq,
                 )
                 await self._fill(feed, up_to_seq=seq - 1)
+            if seq >= (feed.next_seq or 0) and "committed_at" in event:
+                metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["committed_at"]))
             # An event below next_seq still goes out: sockets drop what they
             # hold, and one that is replaying records that it exists.
             await self._dispatch(feed, seq, event["frame"])
@@ -261,6 +264,7 @@ class RoomHub:
                     "gap fill found nothing room=%s after=%s up_to=%s", feed.room_id, feed.next_seq - 1, up_to_seq
                 )
                 return
+            metrics.GAP_FILLS.inc(len(events))
             for event in events:
                 await self._dispatch(feed, event["seq"], event["frame"])
                 feed.next_seq = event["seq"] + 1

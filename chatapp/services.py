@@ -13,7 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser, Group
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from chatapp import broadcast
+from chatapp import broadcast, metrics
 from chatapp.forms import MessageForm
 from chatapp.models import Message, Room
 
@@ -101,6 +101,7 @@ def message_create(
             raise
         return _existing_result(existing, room)
 
+    metrics.MESSAGES_POSTED.inc()
     logger.debug("message stored room=%s seq=%s author=%s", room.pk, seq, author.pk)
     return PostResult(message=message, created=True)
 

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from chatapp import health, views
+from chatapp.metrics import metrics_view
 
 urlpatterns = [
     path("", views.room_list, name="room_list"),
@@ -13,4 +14,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
 ]

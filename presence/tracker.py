@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import Counter, Gauge
+
 from presence import conf
 from presence.loop_local import LoopLocal
 from presence.signals import presence_changed
 from presence.store import Connection, get_store
 
 logger = logging.getLogger(__name__)
+
+TRACKED = Gauge("presence_connections_tracked", "Connections this node lists and refreshes.")
+REAPED = Counter("presence_users_reaped_total", "Users this node announced as gone after their last connection expired.")
 
 
 class PresenceTracker:
@@ -26,6 +31,7 @@ class PresenceTracker:
     async def track(self, connection: Connection) -> None:
         """List a new local connection, announcing the user when it is their first in the room."""
         self.connections[connection.conn_id] = connection
+        TRACKED.set(len(self.connections))
         if self._heartbeat is None:
             self._heartbeat = asyncio.ensure_future(self._heartbeat_loop())
             logger.info(
@@ -37,6 +43,7 @@ class PresenceTracker:
     async def untrack(self, connection: Connection) -> None:
         """Stop refreshing a closed connection; the reaper announces the leave after the grace period."""
         self.connections.pop(connection.conn_id, None)
+        TRACKED.set(len(self.connections))
         await get_store().release(connection)
 
     async def heartbeat(self) -> None:
@@ -49,6 +56,7 @@ class PresenceTracker:
             await announce(connection.room, connection.user, online=True)
         for room, user in await store.reap():
             logger.info("presence reaped room=%s user=%s", room, user)
+            REAPED.inc()
             await announce(room, user, online=False)
         await store.trim_idle()
 
