@@ -1,5 +1,8 @@
 """Run one app node: daphne's command line, plus a graceful drain on SIGTERM.
 
+It also drops any socket whose unsent output passes CHAT_SEND_BUFFER_MAX_BYTES
+(1 MiB by default), checked every second; the client resumes on reconnect.
+
 On SIGTERM the node stops accepting connections and closes every WebSocket
 with code 1012 (service restart), so that clients reconnect to another node
 and resume from their last seq. It waits up to CHAT_DRAIN_TIMEOUT seconds
@@ -25,6 +28,15 @@ logger = logging.getLogger("chatapp.node")
 
 CLOSE_SERVICE_RESTART = 1012
 DRAIN_POLL_SECONDS = 0.1
+SEND_BUFFER_CHECK_SECONDS = 1.0
+
+
+def unsent_bytes(transport) -> int:
+    """Return the bytes a Twisted TCP transport holds that the kernel has not taken yet."""
+    # These are attributes of twisted.internet.abstract.FileDescriptor, which
+    # the asyncio reactor's TCP connections are; other transports count 0.
+    data_buffer = getattr(transport, "dataBuffer", b"")
+    return len(data_buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
 
 
 class DrainingServer(Server):
@@ -32,6 +44,7 @@ class DrainingServer(Server):
         self.listening_ports = []
         self.drain_started: float | None = None
         self.drain_timeout = float(os.environ.get("CHAT_DRAIN_TIMEOUT", "10"))
+        self.send_buffer_max = int(os.environ.get("CHAT_SEND_BUFFER_MAX_BYTES", str(1024 * 1024)))
         reactor.callWhenRunning(self._configure_when_running)
         super().run()
 
@@ -47,6 +60,24 @@ class DrainingServer(Server):
         # This runs after the reactor installed its own handlers, so it
         # replaces the reactor's immediate stop on SIGTERM. SIGINT still stops at once.
         signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(self.drain))
+        reactor.callLater(SEND_BUFFER_CHECK_SECONDS, self._check_send_buffers)
+
+    def _check_send_buffers(self) -> None:
+        """Drop sockets whose unsent output passed the cap: a client that stops
+        reading must not grow this node's memory or hold up its room."""
+        try:
+            for protocol in self._open_sockets():
+                buffered = unsent_bytes(protocol.transport)
+                if buffered > self.send_buffer_max:
+                    logger.warning(
+                        "socket dropped: %s bytes unsent, cap %s peer=%s", buffered, self.send_buffer_max, protocol.client_addr
+                    )
+                    # The client reads nothing, so a close frame would never
+                    # arrive; abort, and the consumer's disconnect runs as usual.
+                    protocol.transport.abortConnection()
+        except Exception:
+            logger.exception("send buffer check failed")
+        reactor.callLater(SEND_BUFFER_CHECK_SECONDS, self._check_send_buffers)
 
     def _open_sockets(self) -> list[WebSocketProtocol]:
         return [

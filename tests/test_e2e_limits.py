@@ -9,6 +9,7 @@ import pytest
 import websockets
 
 from chatapp.models import Message
+from chatapp.node import SEND_BUFFER_CHECK_SECONDS
 from tests.support import SocketClient, running_daphne
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -78,3 +79,32 @@ async def test_fragmented_oversized_message_closes_with_1009(tmp_path, room, ali
 
         assert sender.connection.close_code == 1009
         assert await Message.objects.acount() == 0
+
+
+async def test_client_that_stops_reading_is_dropped(tmp_path, room, alice, bob, cookie_for):
+    from tests.test_e2e_presence import open_silent_socket
+
+    buffer_cap = 256 * 1024
+    env = {"CHAT_SEND_BUFFER_MAX_BYTES": str(buffer_cap)}
+    # Pings every 60 s, so that only the buffer cap can drop the silent client here.
+    with running_daphne(tmp_path, env, server="node", extra_args=["--ping-interval", "60"]) as node:
+        silent = await asyncio.to_thread(open_silent_socket, node, room.slug, await cookie_for(bob))
+        reader = await SocketClient.connect(node, room.slug, await cookie_for(bob), after=0)
+        sender = await SocketClient.connect(node, room.slug, await cookie_for(alice), after=0)
+        await asyncio.sleep(0.3)
+
+        body = "y" * 3900
+        for number in range(1500):
+            await sender.send(body, f"big-{number}")
+            if number % 50 == 49:
+                await reader.wait_for(lambda client, count=number + 1: len(client.messages) >= count, timeout=20)
+        await reader.wait_for(lambda client: len(client.messages) >= 1500, timeout=30)
+        await asyncio.sleep(SEND_BUFFER_CHECK_SECONDS + 1)
+
+        log = node.log_path.read_text()
+        assert "socket dropped:" in log
+        assert f"cap {buffer_cap}" in log
+        assert reader.seqs() == list(range(1, 1501))
+        silent.close()
+        for socket in (reader, sender):
+            await socket.close()
