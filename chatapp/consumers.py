@@ -67,6 +67,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.max_seen = 0
         self.catch_up_task: asyncio.Task | None = None
         self.presence: Connection | None = None
+        # Unordered frames (presence changes, removals) wait here until the
+        # presence list is sent, so that a client gets the list first.
+        self.held_frames: list[str] | None = []
         user = self.scope["user"]
         slug = self.scope["url_route"]["kwargs"]["slug"]
 
@@ -113,6 +116,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # Presence is secondary: the socket keeps its messages, and the
             # next heartbeat lists the connection again.
             logger.exception("presence join failed room=%s user=%s channel=%s", self.room.pk, user.pk, self.socket_id)
+        held, self.held_frames = self.held_frames, None
+        for frame in held:
+            await self.send(text_data=frame)
 
     async def reject(self, code: int) -> None:
         # Accept first: a close before accept becomes an HTTP 403 and the
@@ -171,6 +177,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def send_unordered(self, frame: str) -> None:
         """Send a frame that carries no seq, such as a presence change."""
+        if self.held_frames is not None:
+            self.held_frames.append(frame)
+            return
         await self.send(text_data=frame)
 
     def start_catch_up(self) -> None:

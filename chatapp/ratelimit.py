@@ -37,7 +37,8 @@ return wait_ms
 
 class RedisRateLimiter:
     def __init__(self, url: str, prefix: str) -> None:
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=10, timeout=10)
+        # Each take is one short script call, so a few connections serve a node.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=4, timeout=10)
         self.client = redis.Redis(connection_pool=pool)
         self.prefix = prefix
         self._take = self.client.register_script(TAKE_TOKEN)

@@ -55,6 +55,9 @@ class PresenceStore(Protocol):
     async def is_online(self, room: str, user: str) -> bool:
         """Return whether the user has a listed connection in the room."""
 
+    async def expired_count(self, room: str) -> int:
+        """Return how many of the room's connections have expired but are not reaped yet."""
+
     async def rooms(self) -> list[str]:
         """Return the rooms that have listed connections."""
 
@@ -63,16 +66,20 @@ class PresenceStore(Protocol):
 
 class RedisPresenceStore:
     def __init__(self, url: str, prefix: str) -> None:
-        # A bounded pool: a burst of connects waits for a free Redis
-        # connection instead of opening one per socket.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=conf.redis_pool_size(), timeout=10, decode_responses=True
-        )
-        self.client = redis.Redis(connection_pool=pool)
+        self.url = url
+        self.client = redis.Redis(connection_pool=self._new_pool())
+        self._retired_pool: redis.ConnectionPool | None = None
         self.prefix = prefix
         self._join = self.client.register_script(scripts.JOIN)
         self._release = self.client.register_script(scripts.RELEASE)
         self._reap = self.client.register_script(scripts.REAP)
+
+    def _new_pool(self) -> redis.BlockingConnectionPool:
+        # A bounded pool: a burst of connects waits for a free Redis
+        # connection instead of opening one per socket.
+        return redis.BlockingConnectionPool.from_url(
+            self.url, max_connections=conf.redis_pool_size(), timeout=10, decode_responses=True
+        )
 
     def _keys(self, room: str) -> list[str]:
         # The hash tag keeps one room's keys in one Redis Cluster slot.
@@ -122,16 +129,32 @@ class RedisPresenceStore:
     async def is_online(self, room: str, user: str) -> bool:
         return bool(await self.client.hexists(self._keys(room)[2], user))
 
+    async def expired_count(self, room: str) -> int:
+        seconds, microseconds = await self.client.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        return await self.client.zcount(self._keys(room)[0], "-inf", now_ms)
+
     async def rooms(self) -> list[str]:
         return sorted(await self.client.smembers(f"{self.prefix}:rooms"))
 
     async def trim_idle(self) -> None:
-        """Close idle pooled connections, so that the count returns to what is in use after a burst."""
-        await self.client.connection_pool.disconnect(inuse_connections=False)
+        """Swap in a fresh pool and close the one retired at the previous call.
+
+        After a burst, the connections it opened close within two calls. A
+        retired pool gets no new work, so by the next call (one heartbeat
+        later) nothing uses its connections; closing idle connections of a
+        live pool instead could close one that a task was just handed.
+        """
+        if self._retired_pool is not None:
+            await self._retired_pool.disconnect()
+        self._retired_pool = self.client.connection_pool
+        self.client.connection_pool = self._new_pool()
 
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+        if self._retired_pool is not None:
+            await self._retired_pool.disconnect()
 
 
 @dataclass
@@ -189,6 +212,11 @@ class MemoryPresenceStore:
     async def is_online(self, room: str, user: str) -> bool:
         memory_room = self._rooms.get(room)
         return memory_room is not None and user in memory_room.users
+
+    async def expired_count(self, room: str) -> int:
+        memory_room = self._rooms.get(room)
+        now = time.monotonic()
+        return sum(1 for expiry in memory_room.expiries.values() if expiry <= now) if memory_room else 0
 
     async def rooms(self) -> list[str]:
         return sorted(self._rooms)

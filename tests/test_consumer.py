@@ -289,3 +289,19 @@ class TestResume:
 
         assert [message.seq for message in received] == list(range(1, 61))
         await assert_no_more_messages(socket, timeout=0.5)
+
+
+class TestPresenceFrames:
+    async def test_list_comes_before_any_change(self, room, alice, bob, cookie_for):
+        from tests.support import parse_presence
+
+        first = await connect(room.slug, await cookie_for(alice))
+        second = await connect(room.slug, await cookie_for(bob))
+
+        for socket, expected in ((first, {"alice"}), (second, {"alice", "bob"})):
+            presence = None
+            while presence is None:
+                presence = parse_presence(await socket.receive_from(timeout=TIMEOUT))
+            kind, users = presence
+            assert kind == "snapshot"
+            assert {user for user, _ in users} == expected

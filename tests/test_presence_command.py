@@ -5,6 +5,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from presence.store import Connection, RedisPresenceStore
 
@@ -67,3 +68,17 @@ def test_admin_room_page_shows_online_users(settings, client, django_user_model,
     content = client.get(f"/admin/chatapp/room/{room.pk}/change/").content.decode()
 
     assert "alice (2 connections)" in content
+
+
+def test_without_redis_is_an_error(settings):
+    settings.REDIS_URL = ""
+    with pytest.raises(CommandError, match="REDIS_URL is not set"):
+        run_presence()
+
+
+def test_marks_expired_connections(settings):
+    seed(settings, Connection("lobby", "c1", "alice"), ttl=0.05)
+    import time
+
+    time.sleep(0.2)
+    assert run_presence() == "lobby: alice (1) [1 expired connections; --reap removes them]\n"

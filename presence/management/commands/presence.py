@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+
+from presence import conf
 
 from presence.store import get_store
 from presence.tracker import announce
@@ -21,6 +23,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, room: str | None, reap: bool, **options) -> None:
+        if not conf.redis_url():
+            raise CommandError(
+                "REDIS_URL is not set: presence then lives in the server process's memory, "
+                "which this command cannot read. Set REDIS_URL to the server's Redis."
+            )
         asyncio.run(self._run(room, reap))
 
     async def _run(self, room: str | None, reap: bool) -> None:
@@ -38,6 +45,8 @@ class Command(BaseCommand):
             for room_key in rooms:
                 online = await store.online(room_key)
                 listing = ", ".join(f"{user} ({count})" for user, count in online.items()) or "nobody"
-                self.stdout.write(f"{room_key}: {listing}")
+                expired = await store.expired_count(room_key)
+                note = f" [{expired} expired connections; --reap removes them]" if expired else ""
+                self.stdout.write(f"{room_key}: {listing}{note}")
         finally:
             await store.close()
