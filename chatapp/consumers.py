@@ -60,6 +60,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.room: Room | None = None
+        self.counted_open = False
         # Short id that ties this socket's log lines together.
         self.socket_id = uuid.uuid4().hex[:12]
         self.live = False
@@ -96,6 +97,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.next_seq = after + 1
         await self.accept()
         metrics.SOCKETS_OPEN.inc()
+        self.counted_open = True
 
         try:
             await get_hub().join(self.room.pk, self)
@@ -126,28 +128,39 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.accept()
         await self.close(code)
 
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Daphne cancels a consumer that is still busy (in connect, say)
+            # when application_close_timeout passes after the client left, and
+            # then disconnect() never runs; release the socket's state here too.
+            await self.release()
+
     async def disconnect(self, code: int) -> None:
-        if self.room is None:
+        await self.release(code)
+
+    async def release(self, code: int | None = None) -> None:
+        """Leave the hub and presence; safe to call more than once."""
+        room = getattr(self, "room", None)
+        if room is None:
             return
-        metrics.SOCKETS_OPEN.dec()
+        self.room = None
+        if self.counted_open:
+            metrics.SOCKETS_OPEN.dec()
+            self.counted_open = False
         if self.catch_up_task is not None:
             self.catch_up_task.cancel()
-        await get_hub().leave(self.room.pk, self)
-        if self.presence is not None:
-            try:
+        try:
+            await get_hub().leave(room.pk, self)
+            if self.presence is not None:
                 await get_tracker().untrack(self.presence)
-            except Exception:
-                logger.exception(
-                    "presence release failed room=%s channel=%s; the entry expires after the TTL",
-                    self.room.pk,
-                    self.socket_id,
-                )
+        except Exception:
+            logger.exception(
+                "socket release failed room=%s channel=%s; presence expires after the TTL", room.pk, self.socket_id
+            )
         logger.info(
-            "socket disconnected room=%s user=%s channel=%s code=%s",
-            self.room.pk,
-            self.scope["user"].pk,
-            self.socket_id,
-            code,
+            "socket disconnected room=%s user=%s channel=%s code=%s", room.pk, self.scope["user"].pk, self.socket_id, code
         )
 
     async def deliver(self, seq: int, frame: str) -> None:

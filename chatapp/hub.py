@@ -184,8 +184,7 @@ class RoomHub:
             await self._on_presence_event(feed, event)
             return
         if event_type == REMOVAL_EVENT:
-            for socket in list(feed.sockets):
-                await socket.send_unordered(event["frame"])
+            await self._dispatch_unordered(feed, event["frame"])
             return
 
         seq = event["seq"]
@@ -210,9 +209,7 @@ class RoomHub:
         # its change, so the last frame sent states the current truth even
         # when two nodes' announcements arrive out of order.
         online = await get_store().is_online(event["slug"], event["user"])
-        frame = render_presence_change(event["user"], online)
-        for socket in list(feed.sockets):
-            await socket.send_unordered(frame)
+        await self._dispatch_unordered(feed, render_presence_change(event["user"], online))
 
     async def _on_ban(self, user_id: int) -> None:
         sockets = [socket for feed in self.feeds.values() for socket in feed.sockets if socket.belongs_to(user_id)]
@@ -268,6 +265,16 @@ class RoomHub:
             for event in events:
                 await self._dispatch(feed, event["seq"], event["frame"])
                 feed.next_seq = event["seq"] + 1
+
+    async def _dispatch_unordered(self, feed: RoomFeed, frame: str) -> None:
+        for socket in list(feed.sockets):
+            try:
+                await socket.send_unordered(frame)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A socket closing meanwhile must not keep the frame from the others.
+                logger.exception("unordered send failed room=%s socket=%r", feed.room_id, socket)
 
     async def _dispatch(self, feed: RoomFeed, seq: int, frame: str) -> None:
         for socket in list(feed.sockets):
