@@ -15,9 +15,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 SOCKETS = 5000
 USERS = 50
-# Per node: the presence pool (10), the channel layer's pub/sub and publish
-# connections, and a few for health checks; the margin is generous on purpose.
-MAX_PER_NODE = 16
+# Per node: the presence pool (10) and the pool it retired at the last
+# heartbeat (10 more until the next one), the channel layer's pub/sub and
+# publish connections (2) and the rate limiter's pool (4).
+MAX_PER_NODE = 2 * 10 + 2 + 4
 
 
 def connected_clients(url: str) -> int:
