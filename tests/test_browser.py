@@ -1,6 +1,6 @@
 """Room pages in Debian's Chromium, driven by Playwright, against a real daphne process.
 
-Each test saves screenshots into docs/screenshots/ and overwrites them on every run.
+Each test saves screenshots into SCREENSHOT_DIR (test-artifacts/screenshots/ unless set).
 The tests need Playwright (in the `test` extra) and Debian's Chromium at
 /usr/bin/chromium, which bin/test installs when it is missing. They use the
 system Chromium only, so `playwright install` is never needed.
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -41,7 +43,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOT_DIR = REPO_ROOT / "docs" / "screenshots"
+# Screenshots go to test-artifacts/ (ignored by git); to refresh the ones the
+# docs show, run with SCREENSHOT_DIR=docs/screenshots.
+SCREENSHOT_DIR = Path(os.environ.get("SCREENSHOT_DIR") or REPO_ROOT / "test-artifacts" / "screenshots")
 VIEWPORT = {"width": 1000, "height": 700}
 # Upper bound in milliseconds for every wait on the page. Delivery in these
 # tests usually takes well under a second, so the margin covers a slow machine.
