@@ -2,7 +2,7 @@
 """Measure post throughput and post-to-delivery latency in one chat room.
 
 Starts daphne on a free port of 127.0.0.1 (unless --url names a running
-server), opens --receivers and --senders sockets in one fresh room, and has
+server), opens --receivers and --senders sockets in one room, and has
 each sender post --messages-per-sender messages, each after the ack of its
 previous one. Every body carries its send time as `t=<time.monotonic_ns()>`,
 and all sockets live in this process, so a receiver's latency is its own
@@ -40,13 +40,18 @@ from websockets.asyncio.client import ClientConnection, connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Used for each variable that the environment leaves unset; the server that
-# this script starts gets the same environment.
+# Values for the variables that the environment leaves unset. The server that
+# this script starts inherits the same environment.
 DEFAULT_ENV = {
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/chat_bench",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "SECRET_KEY": "loadtest-only-secret-key",
     "CHANNEL_PREFIX": "chatbench",
+    # The per-user posting limit (a token bucket, see chatapp/settings.py)
+    # would cap each sender, so the benchmark raises it far above any rate one
+    # sender reaches. The server still checks the limit on every post.
+    "CHAT_RATE_LIMIT_PER_SECOND": "1000000",
+    "CHAT_RATE_LIMIT_BURST": "1000000",
 }
 USER_PREFIX = "bench"
 USER_PASSWORD = "bench-pass-123"
@@ -54,7 +59,7 @@ MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 # The server renders each message as templates/chat/_message.html, acks as
 # _ack_frame.html and rejections as _error_frame.html.
-ARTICLE_RE = re.compile(r'<article class="message" data-seq="(\d+)".*?<p class="body">(.*?)</p></article>', re.S)
+ARTICLE_RE = re.compile(r'<article class="message[^"]*" data-seq="(\d+)".*?<p class="body">(.*?)</p></article>', re.S)
 SEND_TIME_RE = re.compile(r"\bt=(\d+)")
 ACK_RE = re.compile(r'data-ack-seq="(\d+)" data-client-id="([^"]*)"')
 ERROR_RE = re.compile(r'data-error="([^"]+)"(?: data-client-id="([^"]*)")?')
@@ -76,8 +81,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--url",
-        help="Base URL of a running server, such as http://127.0.0.1:8000; it must use the same DATABASE_URL "
-        "as this script. Without it the script starts daphne on a free port of 127.0.0.1 and stops it at the end.",
+        help="Base URL of a running server, such as http://127.0.0.1:8000. That server must use the same "
+        "DATABASE_URL as this script and a posting limit above each sender's rate. Without --url the script "
+        "starts daphne on a free port of 127.0.0.1 and stops it at the end.",
     )
     parser.add_argument(
         "--output",
@@ -101,6 +107,7 @@ def parse_args() -> argparse.Namespace:
         "--ack-timeout", type=float, default=10.0, help="Seconds a sender waits for one ack (default: 10)."
     )
     args = parser.parse_args()
+
     for name in ("receivers", "senders", "messages_per_sender"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -121,11 +128,19 @@ def prepare_database(slug: str, user_count: int) -> dict:
     from django.conf import settings
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
     from django.core.management import call_command
-    from django.db import connection, connections
+    from django.db import OperationalError, connection, connections
 
     from chatapp.models import Room
 
-    call_command("migrate", interactive=False, verbosity=0)
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+    except OperationalError as exc:
+        database = settings.DATABASES["default"]
+        raise SystemExit(
+            f"Failed to connect to database {database['NAME']!r} on {database['HOST']}:{database['PORT']}: {exc}\n"
+            "Start PostgreSQL, create the database (createdb -h 127.0.0.1 -U postgres chat_bench) "
+            "or set DATABASE_URL."
+        ) from exc
     call_command("create_room", slug)
     call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD)
 
@@ -162,7 +177,7 @@ def free_port() -> int:
 
 
 def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start daphne on a free port of 127.0.0.1 and return it once the login page answers."""
+    """Start daphne on a free port of 127.0.0.1 and return it with its URL once the login page returns 200."""
     port = free_port()
     daphne = Path(sys.executable).parent / "daphne"
     command = [str(daphne), "-b", "127.0.0.1", "-p", str(port), "chatapp.asgi:application"]
@@ -175,7 +190,7 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited with code {process.returncode} before serving; see {log_path}.")
+            raise RuntimeError(f"daphne exited with code {process.returncode} before serving requests. See {log_path}.")
         try:
             with opener.open(f"{base_url}/accounts/login/", timeout=2) as response:
                 if response.status == 200:
@@ -184,7 +199,7 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     stop_server(process)
-    raise RuntimeError(f"daphne did not answer on {base_url} within 30 s; see {log_path}.")
+    raise RuntimeError(f"Timed out after 30 s waiting for daphne on {base_url}. See {log_path}.")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -211,7 +226,7 @@ def own_cpu_seconds() -> float:
 
 
 class Client:
-    """One socket in the room; records every message seq in arrival order."""
+    """A socket in the room that records every message seq in arrival order."""
 
     def __init__(self, name: str, ws: ClientConnection, is_receiver: bool) -> None:
         self.name = name
@@ -226,7 +241,7 @@ class Client:
         self.reader = asyncio.ensure_future(self.read())
 
     async def read(self) -> None:
-        """Handle frames until the socket closes; main() closes every socket at the end."""
+        """Handle frames until the socket closes, which measure() does for every socket at the end."""
         try:
             async for frame in self.ws:
                 self.handle(frame, time.monotonic_ns())
@@ -235,9 +250,11 @@ class Client:
         finally:
             for future in self.pending.values():
                 if not future.done():
-                    future.set_exception(ConnectionError(f"socket {self.name} closed"))
+                    future.set_exception(ConnectionError(f"socket {self.name} closed before the ack arrived"))
 
     def handle(self, frame: str, received_ns: int) -> None:
+        # NOTE: received_ns is taken when this process reads the frame, and one
+        # event loop serves every socket, so latencies include this client's delay.
         for seq_text, body in ARTICLE_RE.findall(frame):
             seq = int(seq_text)
             self.seqs.append(seq)
@@ -290,12 +307,14 @@ async def run_sender(client: Client, index: int, args: argparse.Namespace, token
             logger.error("sender %s stopped: post client_id=%s failed: %r", index, client_id, exc)
             stats["failed"] += 1
             return
-        stats["ack_latencies_ns"].append(time.monotonic_ns() - sent_ns)
+        acked_ns = time.monotonic_ns()
+        stats["ack_latencies_ns"].append(acked_ns - sent_ns)
+        stats["ack_times_ns"].append(acked_ns)
         stats["acked_seqs"].append(seq)
 
 
 async def wait_for_seq(clients: list[Client], seq: int, timeout: float) -> list[Client]:
-    """Wait until every client has received `seq`; return the clients that had not when time ran out."""
+    """Wait until every client has received `seq`, and return the clients that had not when the timeout passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         behind = [client for client in clients if client.max_seq < seq]
@@ -322,6 +341,11 @@ def summarize_ms(values_ns: list[int]) -> dict:
         "max": round(values[-1], 2),
         "mean": round(sum(values) / len(values), 2),
     }
+
+
+def acks_per_second(ack_times_ns: list[int], started_ns: int) -> list[int]:
+    seconds = Counter((ack_ns - started_ns) // 1_000_000_000 for ack_ns in ack_times_ns)
+    return [seconds[second] for second in range(max(seconds, default=-1) + 1)]
 
 
 def check_delivery(clients: list[Client], first_seq: int, last_seq: int) -> dict:
@@ -368,61 +392,73 @@ def count_log_lines(log_path: Path) -> dict:
     return {name: text.count(pattern) for name, pattern in patterns.items()}
 
 
-async def measure(args: argparse.Namespace, base_url: str, setup: dict, server_pid: int | None) -> dict:
+async def open_clients(args: argparse.Namespace, base_url: str, setup: dict) -> list[Client]:
+    """Open the receiver sockets, then the sender sockets, each with its own user's session."""
     parts = urlsplit(base_url)
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
     ws_url = f"{ws_scheme}://{parts.netloc}/ws/rooms/{args.room}/?after={setup['last_seq']}"
     origin = f"{parts.scheme}://{parts.netloc}"
     cookies = [f"{setup['cookie_name']}={key}" for key in setup["session_keys"]]
-
     logger.info("connecting %s receivers and %s senders to %s", args.receivers, args.senders, ws_url)
-    started = time.monotonic()
+
     openings = [
         open_client(ws_url, origin, cookies[index], f"receiver{index}", True) for index in range(args.receivers)
-    ] + [
+    ]
+    openings += [
         open_client(ws_url, origin, cookies[args.receivers + index], f"sender{index}", False)
         for index in range(args.senders)
     ]
-    clients: list[Client] = list(await asyncio.gather(*openings))
-    receivers, senders = clients[: args.receivers], clients[args.receivers :]
-    connect_seconds = time.monotonic() - started
+    return list(await asyncio.gather(*openings))
 
-    try:
-        # A first message that every socket must receive before the clock
-        # starts, so that each socket has finished its replay and is live.
-        token = uuid.uuid4().hex[:12]
-        warmup_seq = await senders[0].post("warm-up", f"{token}-warmup", args.ack_timeout)
-        behind = await wait_for_seq(clients, warmup_seq, 30)
-        if behind:
-            raise RuntimeError(f"{len(behind)} sockets did not receive the warm-up message seq={warmup_seq} in 30 s.")
-        logger.info("all %s sockets live after %.1f s; sending", len(clients), time.monotonic() - started)
 
-        stats = {"ack_latencies_ns": [], "acked_seqs": [], "failed": 0, "stopped_by_time_limit": False}
-        server_cpu_before = process_cpu_seconds(server_pid) if server_pid else None
-        own_cpu_before = own_cpu_seconds()
-        send_started = time.monotonic()
-        deadline = send_started + args.send_time_limit
-        await asyncio.gather(
-            *(run_sender(client, index, args, token, deadline, stats) for index, client in enumerate(senders))
+async def run_load(args: argparse.Namespace, clients: list[Client], server_pid: int | None) -> dict:
+    """Post the warm-up message, then every sender's messages, and wait until each socket has the last one."""
+    senders = clients[args.receivers :]
+    token = uuid.uuid4().hex[:12]
+
+    # Every socket must receive this first message before the clock starts,
+    # so that each one has finished its replay and is live.
+    warmup_seq = await senders[0].post("warm-up", f"{token}-warmup", args.ack_timeout)
+    behind = await wait_for_seq(clients, warmup_seq, 30)
+    if behind:
+        raise RuntimeError(
+            f"Timed out after 30 s: {len(behind)} sockets did not receive the warm-up message seq={warmup_seq}. "
+            "See the daphne log."
         )
-        send_seconds = time.monotonic() - send_started
+    logger.info("all %s sockets received the warm-up message seq=%s; sending", len(clients), warmup_seq)
 
-        last_seq = max(stats["acked_seqs"], default=warmup_seq)
-        behind = await wait_for_seq(clients, last_seq, args.drain_timeout)
-        drain_seconds = time.monotonic() - send_started - send_seconds
-        if behind:
-            logger.warning("%s sockets had not received seq=%s after %s s", len(behind), last_seq, args.drain_timeout)
-        server_cpu = process_cpu_seconds(server_pid) - server_cpu_before if server_pid else None
-        own_cpu = own_cpu_seconds() - own_cpu_before
-    finally:
-        await asyncio.wait_for(asyncio.gather(*(client.ws.close() for client in clients)), 15)
-        await asyncio.wait_for(asyncio.gather(*(client.reader for client in clients)), 15)
+    stats = {"ack_latencies_ns": [], "ack_times_ns": [], "acked_seqs": [], "failed": 0, "stopped_by_time_limit": False}
+    server_cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+    own_cpu_before = own_cpu_seconds()
+    started = time.monotonic()
+    stats["started_ns"] = time.monotonic_ns()
+    deadline = started + args.send_time_limit
+    await asyncio.gather(
+        *(run_sender(client, index, args, token, deadline, stats) for index, client in enumerate(senders))
+    )
+    stats["send_seconds"] = time.monotonic() - started
 
+    stats["warmup_seq"] = warmup_seq
+    stats["last_seq"] = max(stats["acked_seqs"], default=warmup_seq)
+    behind = await wait_for_seq(clients, stats["last_seq"], args.drain_timeout)
+    if behind:
+        logger.warning(
+            "%s sockets had not received seq=%s after %s s", len(behind), stats["last_seq"], args.drain_timeout
+        )
+    stats["drain_seconds"] = time.monotonic() - started - stats["send_seconds"]
+    stats["server_cpu"] = process_cpu_seconds(server_pid) - server_cpu_before if server_pid else None
+    stats["own_cpu"] = own_cpu_seconds() - own_cpu_before
+    return stats
+
+
+def summarize_run(args: argparse.Namespace, clients: list[Client], stats: dict, first_seq: int) -> dict:
+    receivers, senders = clients[: args.receivers], clients[args.receivers :]
     acked = sorted(stats["acked_seqs"])
     posts = len(acked)
-    busy_seconds = send_seconds + drain_seconds
+    warmup_seq, last_seq = stats["warmup_seq"], stats["last_seq"]
+    send_seconds, server_cpu, own_cpu = stats["send_seconds"], stats["server_cpu"], stats["own_cpu"]
+    busy_seconds = send_seconds + stats["drain_seconds"]
     return {
-        "connect_seconds": round(connect_seconds, 2),
         "posts": {
             "count": posts,
             "failed": stats["failed"],
@@ -431,13 +467,16 @@ async def measure(args: argparse.Namespace, base_url: str, setup: dict, server_p
             "per_second": round(posts / send_seconds, 1),
             "acked_seqs_contiguous": acked == list(range(warmup_seq + 1, warmup_seq + 1 + posts)),
             "ack_latency_ms": summarize_ms(stats["ack_latencies_ns"]),
+            # Acks in each whole second after the first send. A falling count
+            # shows the server slowing down during the run.
+            "acks_per_second_timeline": acks_per_second(stats["ack_times_ns"], stats["started_ns"]),
         },
         "delivery": {
             "latency_ms": summarize_ms([value for client in receivers for value in client.latencies_ns]),
-            "drain_seconds_after_last_ack": round(drain_seconds, 3),
-            "frames_per_second": round(sum(len(c.seqs) for c in clients) / busy_seconds, 1),
-            "receivers": check_delivery(receivers, setup["last_seq"] + 1, last_seq),
-            "senders": check_delivery(senders, setup["last_seq"] + 1, last_seq),
+            "drain_seconds_after_last_ack": round(stats["drain_seconds"], 3),
+            "frames_per_second": round(sum(len(client.seqs) for client in clients) / busy_seconds, 1),
+            "receivers": check_delivery(receivers, first_seq, last_seq),
+            "senders": check_delivery(senders, first_seq, last_seq),
             "error_frames": dict(sum((client.errors for client in clients), Counter())),
         },
         "cpu": {
@@ -448,6 +487,18 @@ async def measure(args: argparse.Namespace, base_url: str, setup: dict, server_p
             "client_percent_of_one_core": round(100 * own_cpu / busy_seconds, 1),
         },
     }
+
+
+async def measure(args: argparse.Namespace, base_url: str, setup: dict, server_pid: int | None) -> dict:
+    started = time.monotonic()
+    clients = await open_clients(args, base_url, setup)
+    connect_seconds = time.monotonic() - started
+    try:
+        stats = await run_load(args, clients, server_pid)
+    finally:
+        await asyncio.wait_for(asyncio.gather(*(client.ws.close() for client in clients)), 15)
+        await asyncio.wait_for(asyncio.gather(*(client.reader for client in clients)), 15)
+    return {"connect_seconds": round(connect_seconds, 2), **summarize_run(args, clients, stats, setup["last_seq"] + 1)}
 
 
 def describe_machine() -> dict:
@@ -462,6 +513,18 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "packages": {name: metadata.version(name) for name in packages},
     }
+
+
+def describe_code() -> dict:
+    """Return the checked-out commit and the files that differ from it, because the run measures the working tree."""
+
+    def git(*arguments: str) -> str:
+        result = subprocess.run(["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        return result.stdout if result.returncode == 0 else ""
+
+    # Each porcelain line is a two-letter status, a space and the path.
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_files": changed}
 
 
 def markdown_table(report: dict) -> str:
@@ -496,6 +559,7 @@ def markdown_table(report: dict) -> str:
         ),
         ("Server CPU (daphne)", server_cpu),
         ("Client CPU (this script)", f"{cpu['client_percent_of_one_core']} % of one core"),
+        ("Load average (1 min) before the run", f"{report['machine']['load_average_at_start'][0]:.2f}"),
     ]
     lines = ["| Figure | Value |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines) + "\n"
@@ -518,10 +582,14 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for name, value in DEFAULT_ENV.items():
         os.environ.setdefault(name, value)
-    # DEBUG makes Django keep every query in memory, which no deployment does.
+    # With DEBUG on, Django records every query in memory, which a production server does not.
     os.environ["DEBUG"] = "0"
     raise_open_file_limit(2 * (args.receivers + args.senders) + 256)
 
+    # Other busy processes on the machine slow the run down, and the load
+    # average before the run shows whether there were any.
+    load_at_start = os.getloadavg()
+    code = describe_code()
     setup = prepare_database(args.room, args.receivers + args.senders)
     server, log_path = None, args.output.with_suffix(".daphne.log")
     base_url = args.url
@@ -535,10 +603,15 @@ def main() -> int:
 
     report = {
         "started_at": stamp,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "server_url": base_url,
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "machine": {**describe_machine(), "postgres": setup["postgres_version"]},
+        "code": code,
+        "machine": {
+            **describe_machine(),
+            "postgres": setup["postgres_version"],
+            "load_average_at_start": load_at_start,
+        },
         "result": result,
         "server_log": {"path": str(log_path), **count_log_lines(log_path)} if server is not None else None,
     }
