@@ -17,7 +17,7 @@ from chatapp.models import Room
 from chatapp.ratelimit import get_rate_limiter
 from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame, render_presence_list
 from chatapp.services import MessageRejected, message_create
-from presence.store import Connection, get_store
+from presence.store import Connection, ConnectionLimitReached, get_store
 from presence.tracker import get_tracker
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ CLOSE_BAD_AFTER = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_BANNED = 4403
 CLOSE_ROOM_NOT_FOUND = 4404
+CLOSE_TOO_MANY_SOCKETS = 4429
 CLOSE_SERVER_ERROR = 1011
 
 
@@ -114,6 +115,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         try:
             await get_tracker().track(self.presence)
             await self.send(text_data=render_presence_list(await get_store().online(self.room.slug)))
+        except ConnectionLimitReached as exc:
+            logger.info("socket rejected: %s room=%s user=%s channel=%s", exc, self.room.pk, user.pk, self.socket_id)
+            self.presence = None
+            await self.close(CLOSE_TOO_MANY_SOCKETS)
+            return
         except Exception:
             # Presence is secondary: the socket keeps its messages, and the
             # next heartbeat lists the connection again.

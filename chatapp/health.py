@@ -1,4 +1,4 @@
-"""Probes for load balancers: /healthz says the process serves, /readyz that its stores answer."""
+"""Probes for load balancers: /healthz reports that the process serves, /readyz that its stores respond."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +23,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @login_not_required
 @never_cache
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Return 200 when the database and Redis answer, else 503 naming the failed check."""
+    """Return 200 when the database and Redis respond, else 503 naming the failed check."""
     checks = {"database": _check_database(), "redis": _check_redis()}
     ready = all(result in ("ok", "not used") for result in checks.values())
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)

@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from autobahn.exception import Disconnected
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -272,6 +273,9 @@ class RoomHub:
                 await socket.send_unordered(frame)
             except asyncio.CancelledError:
                 raise
+            except Disconnected:
+                # The socket closed and its disconnect has not run yet.
+                logger.info("unordered send skipped: socket closed room=%s socket=%r", feed.room_id, socket)
             except Exception:
                 # A socket closing meanwhile must not keep the frame from the others.
                 logger.exception("unordered send failed room=%s socket=%r", feed.room_id, socket)
@@ -282,6 +286,8 @@ class RoomHub:
                 await socket.deliver(seq, frame)
             except asyncio.CancelledError:
                 raise
+            except Disconnected:
+                logger.info("delivery skipped: socket closed room=%s seq=%s socket=%r", feed.room_id, seq, socket)
             except Exception:
                 logger.exception("delivery failed room=%s seq=%s socket=%r", feed.room_id, seq, socket)
 

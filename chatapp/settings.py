@@ -196,6 +196,9 @@ CHAT_RATE_LIMIT_BURST = env_float("CHAT_RATE_LIMIT_BURST", 20.0)
 PRESENCE_HEARTBEAT_INTERVAL = env_float("PRESENCE_HEARTBEAT_INTERVAL", 5.0)
 PRESENCE_TTL = env_float("PRESENCE_TTL", 15.0)
 PRESENCE_LEAVE_GRACE = env_float("PRESENCE_LEAVE_GRACE", 3.0)
+# Open sockets one user may hold in all rooms together; a further one is
+# closed with 4429. 0 means no maximum.
+PRESENCE_MAX_CONNECTIONS_PER_USER = int(os.environ.get("PRESENCE_MAX_CONNECTIONS_PER_USER", "20"))
 PRESENCE_KEY_PREFIX = f"{CHANNEL_PREFIX}:presence"
 
 LOGGING = {

@@ -23,19 +23,18 @@ import platform
 import re
 import resource
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
-from importlib import import_module, metadata
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import websockets
+from local_processes import free_port, own_cpu_seconds, process_cpu_seconds, stop_process, wait_until_serving
 from websockets.asyncio.client import ClientConnection, connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +54,6 @@ DEFAULT_ENV = {
 }
 USER_PREFIX = "bench"
 USER_PASSWORD = "bench-pass-123"
-MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 # The server renders each message as templates/chat/_message.html, acks as
 # _ack_frame.html and rejections as _error_frame.html.
@@ -126,7 +124,6 @@ def prepare_database(slug: str, user_count: int) -> dict:
 
     django.setup()
     from django.conf import settings
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
     from django.core.management import call_command
     from django.db import OperationalError, connection, connections
 
@@ -145,17 +142,9 @@ def prepare_database(slug: str, user_count: int) -> dict:
     call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD)
 
     usernames = [f"{USER_PREFIX}{number}" for number in range(1, user_count + 1)]
-    users = {user.username: user for user in get_user_model().objects.filter(username__in=usernames)}
-    session_store = import_module(settings.SESSION_ENGINE).SessionStore
-    session_keys = []
-    for username in usernames:
-        user = users[username]
-        session = session_store()
-        session[SESSION_KEY] = str(user.pk)
-        session[BACKEND_SESSION_KEY] = MODEL_BACKEND
-        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-        session.create()
-        session_keys.append(session.session_key)
+    from login_sessions import session_keys as create_session_keys
+
+    session_keys = create_session_keys(usernames)
 
     with connection.cursor() as cursor:
         cursor.execute("SHOW server_version")
@@ -170,12 +159,6 @@ def prepare_database(slug: str, user_count: int) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start daphne on a free port of 127.0.0.1 and return it with its URL once the login page returns 200."""
     port = free_port()
@@ -185,44 +168,8 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     logger.info("daphne started pid=%s url=%s log=%s", process.pid, base_url, log_path)
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne exited with code {process.returncode} before serving requests. See {log_path}.")
-        try:
-            with opener.open(f"{base_url}/accounts/login/", timeout=2) as response:
-                if response.status == 200:
-                    return process, base_url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_server(process)
-    raise RuntimeError(f"Timed out after 30 s waiting for daphne on {base_url}. See {log_path}.")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        logger.warning("daphne pid=%s ignored SIGTERM for 10 s; killing it", process.pid)
-        process.kill()
-        process.wait(timeout=10)
-    logger.info("daphne stopped pid=%s code=%s", process.pid, process.returncode)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """Return user plus system CPU time of a process, all threads, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of proc(5), counted from the pid.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    wait_until_serving(process, base_url, log_path)
+    return process, base_url
 
 
 class Client:
@@ -599,7 +546,7 @@ def main() -> int:
         result = asyncio.run(measure(args, base_url, setup, server.pid if server else None))
     finally:
         if server is not None:
-            stop_server(server)
+            stop_process(server, "daphne")
 
     report = {
         "started_at": stamp,

@@ -24,6 +24,11 @@ def redis_pool_size() -> int:
     return int(getattr(settings, "PRESENCE_REDIS_POOL_SIZE", 10))
 
 
+def max_connections_per_user() -> int:
+    """Most unexpired connections one user may hold in all rooms together; 0 means no maximum."""
+    return int(getattr(settings, "PRESENCE_MAX_CONNECTIONS_PER_USER", 20))
+
+
 def key_prefix() -> str:
     return getattr(settings, "PRESENCE_KEY_PREFIX", "presence")
 

@@ -26,6 +26,10 @@ REAP_BATCH = 1000
 REFRESH_BATCH = 500
 
 
+class ConnectionLimitReached(Exception):
+    """The user already has the maximum number of connections open."""
+
+
 @dataclass(frozen=True)
 class Connection:
     room: str
@@ -35,7 +39,11 @@ class Connection:
 
 class PresenceStore(Protocol):
     async def join(self, connection: Connection) -> bool:
-        """List or refresh a connection; return True when it is the user's first in the room."""
+        """List or refresh a connection; return True when it is the user's first in the room.
+
+        Raise ConnectionLimitReached for a new connection of a user who has
+        PRESENCE_MAX_CONNECTIONS_PER_USER unexpired ones in all rooms.
+        """
 
     async def refresh(self, connections: list[Connection]) -> list[Connection]:
         """Extend the expiry of live connections; return those that had been reaped and are listed again."""
@@ -82,43 +90,55 @@ class RedisPresenceStore:
         )
 
     def _keys(self, room: str) -> list[str]:
-        # The hash tag keeps one room's keys in one Redis Cluster slot.
         base = f"{self.prefix}:{{{room}}}"
         return [f"{base}:conns", f"{base}:owners", f"{base}:users", f"{self.prefix}:rooms"]
 
+    @property
+    def _user_key_prefix(self) -> str:
+        return f"{self.prefix}:user:"
+
+    def _join_call(self, connection: Connection) -> dict:
+        return {
+            "keys": [*self._keys(connection.room), self._user_key_prefix + connection.user],
+            "args": [
+                connection.conn_id,
+                connection.user,
+                int(conf.ttl() * 1000),
+                connection.room,
+                conf.max_connections_per_user(),
+            ],
+        }
+
     async def join(self, connection: Connection) -> bool:
-        ttl_ms = int(conf.ttl() * 1000)
-        first = await self._join(
-            keys=self._keys(connection.room), args=[connection.conn_id, connection.user, ttl_ms, connection.room]
-        )
-        return first == 1
+        result = await self._join(**self._join_call(connection))
+        if result == -1:
+            raise ConnectionLimitReached(
+                f"user {connection.user} already has {conf.max_connections_per_user()} connections open"
+            )
+        return result == 1
 
     async def refresh(self, connections: list[Connection]) -> list[Connection]:
         # One pipeline per batch: a node with thousands of sockets refreshes
         # them in a few round trips instead of one each.
-        ttl_ms = int(conf.ttl() * 1000)
         restored = []
         for start in range(0, len(connections), REFRESH_BATCH):
             batch = connections[start : start + REFRESH_BATCH]
             async with self.client.pipeline(transaction=False) as pipe:
                 for connection in batch:
-                    await self._join(
-                        keys=self._keys(connection.room),
-                        args=[connection.conn_id, connection.user, ttl_ms, connection.room],
-                        client=pipe,
-                    )
+                    await self._join(**self._join_call(connection), client=pipe)
                 results = await pipe.execute()
             restored.extend(connection for connection, first in zip(batch, results) if first == 1)
         return restored
 
     async def release(self, connection: Connection) -> None:
         grace_ms = int(conf.leave_grace() * 1000)
-        await self._release(keys=self._keys(connection.room), args=[connection.conn_id, grace_ms])
+        keys = [*self._keys(connection.room), self._user_key_prefix + connection.user]
+        await self._release(keys=keys, args=[connection.conn_id, grace_ms])
 
     async def reap(self) -> list[tuple[str, str]]:
         left = []
         for room in await self.rooms():
-            users = await self._reap(keys=self._keys(room), args=[room, REAP_BATCH])
+            users = await self._reap(keys=self._keys(room), args=[room, REAP_BATCH, self._user_key_prefix])
             left.extend((room, user) for user in users)
         return left
 
@@ -173,6 +193,11 @@ class MemoryPresenceStore:
     async def join(self, connection: Connection) -> bool:
         room = self._rooms.setdefault(connection.room, _MemoryRoom())
         known = connection.conn_id in room.expiries
+        maximum = conf.max_connections_per_user()
+        if not known and maximum > 0 and self._open_connections(connection.user) >= maximum:
+            if not room.expiries:
+                del self._rooms[connection.room]
+            raise ConnectionLimitReached(f"user {connection.user} already has {maximum} connections open")
         room.expiries[connection.conn_id] = time.monotonic() + conf.ttl()
         if known:
             return False
@@ -182,6 +207,15 @@ class MemoryPresenceStore:
 
     async def refresh(self, connections: list[Connection]) -> list[Connection]:
         return [connection for connection in connections if await self.join(connection)]
+
+    def _open_connections(self, user: str) -> int:
+        now = time.monotonic()
+        return sum(
+            1
+            for room in self._rooms.values()
+            for conn_id, owner in room.owners.items()
+            if owner == user and room.expiries[conn_id] > now
+        )
 
     async def release(self, connection: Connection) -> None:
         room = self._rooms.get(connection.room)

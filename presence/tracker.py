@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge
 from presence import conf
 from presence.loop_local import LoopLocal
 from presence.signals import presence_changed
-from presence.store import Connection, get_store
+from presence.store import Connection, ConnectionLimitReached, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ class PresenceTracker:
             logger.info(
                 "presence heartbeat started interval=%ss ttl=%ss", conf.heartbeat_interval(), conf.ttl()
             )
-        if await get_store().join(connection):
+        try:
+            first = await get_store().join(connection)
+        except ConnectionLimitReached:
+            del self.connections[connection.conn_id]
+            TRACKED.set(len(self.connections))
+            raise
+        if first:
             await announce(connection.room, connection.user, online=True)
 
     async def untrack(self, connection: Connection) -> None:

@@ -325,3 +325,22 @@ class TestCancelledConsumer:
 
         assert get_hub().feeds == {}
         assert get_tracker().connections == {}
+
+
+class TestSocketLimit:
+    async def test_socket_over_per_user_limit_closed_with_4429(self, make_room, alice, cookie_for, settings):
+        from chatapp.consumers import CLOSE_TOO_MANY_SOCKETS
+
+        settings.PRESENCE_MAX_CONNECTIONS_PER_USER = 2
+        cookie = await cookie_for(alice)
+        first_room, second_room = await sync_to_async(make_room)(), await sync_to_async(make_room)()
+        await connected_and_caught_up(first_room.slug, cookie)
+        await connected_and_caught_up(second_room.slug, cookie)
+
+        third = await connect(first_room.slug, cookie)
+        while True:
+            output = await third.receive_output(timeout=TIMEOUT)
+            if output["type"] == "websocket.close":
+                break
+
+        assert output == {"type": "websocket.close", "code": CLOSE_TOO_MANY_SOCKETS}

@@ -35,7 +35,7 @@ async def test_redis_connections_bounded_under_socket_churn(tmp_path, room, make
     cookies = [await cookie_for(user) for user in users]
 
     with private_redis(tmp_path) as redis_server, ExitStack() as stack:
-        env = {"REDIS_URL": redis_server.url, "PRESENCE_HEARTBEAT_INTERVAL": "2"}
+        env = {"REDIS_URL": redis_server.url, "PRESENCE_HEARTBEAT_INTERVAL": "2", "PRESENCE_MAX_CONNECTIONS_PER_USER": "0"}
         nodes = [stack.enter_context(running_daphne(tmp_path, env, server="node")) for _ in range(2)]
         warmup = [await SocketClient.connect(node, room.slug, cookies[0]) for node in nodes]
         await asyncio.sleep(0.5)

@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 
 from chatapp.asgi import application
 from chatapp.consumers import CLOSE_ROOM_NOT_FOUND
-from chatapp.models import Message, Room
+from chatapp.models import Message
 from chatapp.services import message_create, message_hide, user_ban, user_mute, user_unmute
 from tests.support import SocketClient, parse_error, parse_messages, running_daphne
 

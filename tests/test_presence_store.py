@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from presence.store import Connection, MemoryPresenceStore, RedisPresenceStore
+from presence.store import Connection, ConnectionLimitReached, MemoryPresenceStore, RedisPresenceStore
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -135,3 +135,36 @@ async def test_redis_state_returns_to_empty_after_churn(settings):
     finally:
         await store.close()
         await client.aclose()
+
+
+class TestConnectionLimit:
+    async def test_new_connection_over_limit_rejected(self, store, settings):
+        settings.PRESENCE_MAX_CONNECTIONS_PER_USER = 2
+        await store.join(connection("alice", 1, room="lobby"))
+        await store.join(connection("alice", 2, room="games"))
+
+        with pytest.raises(ConnectionLimitReached, match="user alice already has 2 connections open"):
+            await store.join(connection("alice", 3, room="lobby"))
+
+        assert await store.online("lobby") == {"alice": 1}
+        assert await store.join(connection("bob", 1)) is True
+
+    async def test_refresh_of_known_connection_allowed_at_limit(self, store, settings):
+        settings.PRESENCE_MAX_CONNECTIONS_PER_USER = 1
+        await store.join(connection("alice", 1))
+        assert await store.join(connection("alice", 1)) is False
+
+    async def test_reaped_connection_frees_a_place(self, store, settings):
+        settings.PRESENCE_MAX_CONNECTIONS_PER_USER = 1
+        await store.join(connection("alice", 1))
+        await store.release(connection("alice", 1))
+        await asyncio.sleep(0.3)
+        await store.reap()
+
+        assert await store.join(connection("alice", 2)) is True
+
+    async def test_zero_means_no_limit(self, store, settings):
+        settings.PRESENCE_MAX_CONNECTIONS_PER_USER = 0
+        for number in range(30):
+            await store.join(connection("alice", number))
+        assert await store.online("lobby") == {"alice": 30}
