@@ -50,13 +50,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
     """One browser tab in one room.
 
     `next_seq` is the next seq this socket must receive. Until the socket is
-    live it reads from the database and only records the highest seq the hub
-    offered (`max_seen`); it goes live once a read finds nothing newer and the
-    hub offered nothing newer, all without an await in between, so no message
-    falls between replay and live delivery.
+    live, it reads from the database and only records the highest seq the hub
+    offered (`max_seen`). It goes live once a read finds nothing newer and the
+    hub offered nothing newer. Both checks run without an await in between, so
+    no message falls between replay and live delivery.
     """
 
-    # The hub holds the only channel-layer subscription for all sockets.
+    # The hub has the only channel-layer subscription, shared by all sockets.
     channel_layer_alias = None
 
     async def connect(self) -> None:
@@ -124,8 +124,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # Presence is secondary: the socket keeps its messages, and the
             # next heartbeat lists the connection again.
             logger.exception("presence join failed room=%s user=%s channel=%s", self.room.pk, user.pk, self.socket_id)
-        held, self.held_frames = self.held_frames, None
-        for frame in held:
+        frames_to_send, self.held_frames = self.held_frames, None
+        for frame in frames_to_send:
             await self.send(text_data=frame)
 
     async def reject(self, code: int) -> None:
@@ -139,8 +139,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await super().__call__(scope, receive, send)
         finally:
             # Daphne cancels a consumer that is still busy (in connect, say)
-            # when application_close_timeout passes after the client left, and
-            # then disconnect() never runs; release the socket's state here too.
+            # when application_close_timeout passes after the client left.
+            # Then disconnect() never runs, so release the socket's state here too.
             await self.release()
 
     async def disconnect(self, code: int) -> None:
