@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -39,7 +42,31 @@ def message_event(message: Message) -> dict:
     }
 
 
+_deferred = threading.local()
+
+
+@contextmanager
+def deferred_publishing() -> Iterator[list[tuple[str, dict]]]:
+    """Collect the (group, event) pairs that this thread would publish, instead of publishing them.
+
+    For callers on a database worker thread under an event loop: publishing
+    from the thread would block it until the loop has sent the event, and
+    every database call of the process waits for that one thread. The caller
+    publishes the collected events from the loop once the thread returns.
+    """
+    events: list[tuple[str, dict]] = []
+    _deferred.events = events
+    try:
+        yield events
+    finally:
+        _deferred.events = None
+
+
 def _group_send(group: str, event: dict) -> None:
+    deferred = getattr(_deferred, "events", None)
+    if deferred is not None:
+        deferred.append((group, event))
+        return
     async_to_sync(get_channel_layer().group_send)(group, event)
 
 

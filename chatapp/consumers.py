@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chatapp import metrics, selectors
@@ -16,7 +17,8 @@ from chatapp.hub import get_hub
 from chatapp.models import Room
 from chatapp.ratelimit import get_rate_limiter
 from chatapp.rendering import render_ack_frame, render_error_frame, render_messages_frame, render_presence_list
-from chatapp.services import MessageRejected, message_create
+from chatapp.broadcast import deferred_publishing
+from chatapp.services import MessageRejected, PostResult, message_create
 from presence.store import Connection, ConnectionLimitReached, get_store
 from presence.tracker import get_tracker
 
@@ -254,20 +256,32 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             return
         try:
-            result = await database_sync_to_async(message_create)(
-                room=self.room, author=user, body=payload.get("body"), client_id=client_id
-            )
+            result, events = await database_sync_to_async(_post)(self.room, user, payload.get("body"), client_id)
         except MessageRejected as exc:
             logger.info(
                 "frame rejected room=%s user=%s channel=%s code=%s", self.room.pk, user.pk, self.socket_id, exc.code
             )
             await self.send_error(exc.code, exc.text, echoed_client_id)
             return
+        for group, event in events:
+            try:
+                await get_channel_layer().group_send(group, event)
+            except Exception:
+                # The message is committed: the gap check of every node delivers it.
+                logger.exception("publish failed room=%s seq=%s channel=%s", self.room.pk, event.get("seq"), self.socket_id)
         await self.send(text_data=render_ack_frame(result.message))
 
     async def send_error(self, code: str, text: str, client_id: str | None = None) -> None:
         metrics.REJECTED_FRAMES.labels(code=code).inc()
         await self.send(text_data=render_error_frame(code, text, client_id))
+
+
+def _post(room: Room, author, body: object, client_id: object) -> tuple[PostResult, list[tuple[str, dict]]]:
+    # The events are published by the caller on the event loop, after commit,
+    # so that this database thread does not wait for Redis.
+    with deferred_publishing() as events:
+        result = message_create(room=room, author=author, body=body, client_id=client_id)
+    return result, events
 
 
 def _replay_page(room_id: int, after_seq: int, limit: int) -> tuple[int, int, str]:
