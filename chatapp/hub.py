@@ -3,13 +3,13 @@
 Each process has one hub per event loop. The hub subscribes one channel to
 the group of every room that has a local socket, receives each message event
 once and hands its pre-rendered frame to the room's local sockets in seq
-order. It fills gaps from the database: when an event arrives with a seq
-beyond the next expected one, and when the gap check finds a committed
-message whose event has not arrived within one interval (a dropped publish,
-or a node that crashed between commit and publish).
+order. It fills gaps from the database in two cases. One is an event that
+arrives with a seq beyond the next expected one. The other is a committed
+message whose event has not arrived within one gap-check interval, after a
+dropped publish or a node that crashed between commit and publish.
 
-The hub orders per room and process; each socket still keeps its own
-next_seq (see RoomSocket) so that replay after connect and live delivery
+The hub orders per room and process. Each socket still keeps its own
+next_seq (see RoomConsumer), so that replay after connect and live delivery
 meet without a gap or a duplicate.
 """
 from __future__ import annotations

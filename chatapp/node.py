@@ -32,7 +32,7 @@ SEND_BUFFER_CHECK_SECONDS = 1.0
 
 
 def unsent_bytes(transport) -> int:
-    """Return the bytes a Twisted TCP transport holds that the kernel has not taken yet."""
+    """Return the bytes buffered in a Twisted TCP transport that the kernel has not taken yet."""
     # These are attributes of twisted.internet.abstract.FileDescriptor, which
     # the asyncio reactor's TCP connections are; other transports count 0.
     data_buffer = getattr(transport, "dataBuffer", b"")
@@ -53,8 +53,8 @@ class DrainingServer(Server):
         self.listening_ports.append(port)
 
     def _configure_when_running(self) -> None:
-        # Autobahn drops the TCP connection on a protocol violation such as an
-        # oversized message by default; send the close frame (1009) instead,
+        # By default autobahn drops the TCP connection on a protocol violation
+        # such as an oversized message. Send the close frame (1009) instead,
         # so that the client learns why.
         self.ws_factory.setProtocolOptions(failByDrop=False)
         # This runs after the reactor installed its own handlers, so it
@@ -119,10 +119,10 @@ class DrainingServer(Server):
         self.stop()
 
 
-# Defaults that differ from daphne's. A message holds at most 4,000
-# characters of body; 64 KiB leaves room for JSON escaping and htmx's extra
-# fields, and larger frames are closed with 1009 by autobahn before the
-# consumer sees them. Daphne drops a handshake not finished within 5 s, which
+# Defaults that differ from daphne's. A message body has at most 4,000
+# characters, so 64 KiB leaves room for JSON escaping and htmx's extra
+# fields. Autobahn closes larger frames with 1009 before the consumer sees
+# them. Daphne drops a handshake not finished within 5 s, which
 # fails connects on a busy node during a reconnect storm, so allow 20 s.
 DEFAULT_OPTIONS = {
     "--websocket-max-message-size": "65536",

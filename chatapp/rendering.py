@@ -28,14 +28,14 @@ def render_messages_frame(messages: Iterable[Message]) -> str:
 
 
 def render_error_frame(code: str, text: str, client_id: str | None = None) -> str:
-    """Render the fragment that answers a rejected frame."""
+    """Render the error fragment sent in reply to a rejected frame."""
     return render_to_string(
         "chat/_error_frame.html", {"code": code, "text": text, "client_id": client_id}
     ).strip()
 
 
 def render_ack_frame(message: Message) -> str:
-    """Render the fragment that tells a sender which seq its message got."""
+    """Render the acknowledgement that gives a sender the seq of its message."""
     return render_to_string("chat/_ack_frame.html", {"message": message}).strip()
 
 
@@ -50,5 +50,5 @@ def render_presence_change(user: str, online: bool) -> str:
 
 
 def render_removal_frame(seq: int) -> str:
-    """Render the frame that tells a page to show a hidden message's placeholder."""
+    """Render the frame after which a page shows a hidden message's placeholder."""
     return f'<div id="message-updates" hx-swap-oob="beforeend"><span hidden data-removed-seq="{int(seq)}"></span></div>'

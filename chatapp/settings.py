@@ -94,7 +94,7 @@ CONTENT_SECURITY_POLICY = {
 
 # HTTPS=1 when clients reach the site over TLS (usually terminated by the load
 # balancer, which sets X-Forwarded-Proto). It turns on the settings that
-# `manage.py check --deploy` asks for.
+# `manage.py check --deploy` requires.
 HTTPS = env_flag("HTTPS")
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -104,7 +104,8 @@ if HTTPS:
     SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "31536000"))
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_flag("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_flag("SECURE_HSTS_PRELOAD", True)
-    # /healthz and /readyz answer plain HTTP so load balancers can probe nodes.
+    # /healthz, /readyz and /metrics respond over plain HTTP so that load
+# balancers and scrapers can probe nodes directly.
     SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -187,9 +188,9 @@ CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 # connection stays listed, so a crashed node's users are reaped within TTL
 # plus one interval. The grace is how long a closed connection stays listed,
 # so that a quick reconnect shows no leave and join.
-# Posting limit per user, shared by all nodes: a token bucket refilled at
-# CHAT_RATE_LIMIT_PER_SECOND messages a second that holds at most
-# CHAT_RATE_LIMIT_BURST messages.
+# Posting limit per user, shared by all nodes. It is a token bucket that
+# refills at CHAT_RATE_LIMIT_PER_SECOND messages a second and contains at
+# most CHAT_RATE_LIMIT_BURST messages.
 CHAT_RATE_LIMIT_PER_SECOND = env_float("CHAT_RATE_LIMIT_PER_SECOND", 5.0)
 CHAT_RATE_LIMIT_BURST = env_float("CHAT_RATE_LIMIT_BURST", 20.0)
 

@@ -1,4 +1,4 @@
-"""One object per running event loop, for state that holds loop-bound tasks and connections."""
+"""One object per running event loop, for state with loop-bound tasks and connections."""
 from __future__ import annotations
 
 import asyncio

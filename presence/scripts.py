@@ -8,8 +8,8 @@ RELEASE, the user's connections in every room (KEYS[5]):
   rooms   set: room keys that have listed connections
   user    sorted set: the user's connection ids in all rooms, scored like conns
 
-REAP finds each user's key from the prefix in its arguments, so the keys are
-not all declared; the scripts need a single Redis server, not a Cluster.
+REAP builds each user's key from the prefix in its arguments, so not every
+key is declared. The scripts therefore need a single Redis server, not a Cluster.
 
 The expiry comes from the Redis server's clock, so nodes whose clocks
 disagree still agree on what has expired. Because each script runs alone, a
@@ -41,8 +41,8 @@ end
 
 # ARGV: connection id, user key, ttl in ms, room key, the maximum number of
 # the user's unexpired connections in all rooms (0: no maximum).
-# Lists or refreshes a connection; returns 1 when it is the user's first in
-# the room, -1 when a new connection would pass the maximum, else 0.
+# Lists or refreshes a connection. Returns 1 when it is the user's first in
+# the room, -1 when a new connection would pass the maximum, and 0 otherwise.
 JOIN = _REMOVE_CONNECTION + """
 local now = now_ms()
 local expiry = now + tonumber(ARGV[3])

@@ -162,7 +162,7 @@ class RedisPresenceStore:
 
         After a burst, the connections it opened close within two calls. A
         retired pool gets no new work, so by the next call (one heartbeat
-        later) nothing uses its connections; closing idle connections of a
+        later) nothing uses its connections. Closing idle connections of a
         live pool instead could close one that a task was just handed.
         """
         if self._retired_pool is not None:

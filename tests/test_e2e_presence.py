@@ -113,7 +113,7 @@ async def test_killed_node_users_reaped_and_reconnect_once(nodes, room, alice, b
     await alice_socket.reader
 
 
-async def test_random_churn_across_two_nodes_ends_with_right_set(nodes, room, make_user, cookie_for, store):
+async def test_random_churn_ends_with_right_set(nodes, room, make_user, cookie_for, store):
     users = [await database_sync_to_async(make_user)(f"churner{number}") for number in range(50)]
     cookies = [await cookie_for(user) for user in users]
     rng = random.Random(7)

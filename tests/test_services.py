@@ -92,7 +92,7 @@ class TestMessageCreate:
 
         assert published == [result.message]
 
-    def test_rolled_back_post_broadcasts_nothing_and_leaves_no_hole(
+    def test_rolled_back_post_leaves_no_trace(
         self, room, alice, django_capture_on_commit_callbacks, monkeypatch
     ):
         published = []

@@ -122,8 +122,10 @@ class TestLoadEarlier:
 
         assert "<html" not in content
         assert content.count('class="message"') == 50
-        assert 'data-seq="21"' in content and 'data-seq="70"' in content
-        assert 'data-seq="71"' not in content and 'data-seq="20"' not in content
+        assert 'data-seq="21"' in content
+        assert 'data-seq="70"' in content
+        assert 'data-seq="71"' not in content
+        assert 'data-seq="20"' not in content
         assert "?before=21" in content
 
     def test_first_page_has_no_further_link(self, alice_client, room, alice):
@@ -166,7 +168,7 @@ class TestFormFallback:
         assert "Message is empty." in response.content.decode()
         assert Message.objects.count() == 0
 
-    def test_too_long_body_shows_field_error_and_keeps_text(self, alice_client, room):
+    def test_too_long_body_shows_error(self, alice_client, room):
         response = alice_client.post("/rooms/lobby/messages/", {"body": "y" * 4001})
 
         content = response.content.decode()
