@@ -111,7 +111,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         logger.info(
             "socket connected room=%s user=%s channel=%s after=%s", self.room.pk, user.pk, self.socket_id, after
         )
-        self.start_catch_up()
+        if get_hub().is_current(self.room.pk, self.next_seq):
+            # Nothing was committed since the room was read: skip the replay query.
+            self.live = True
+        else:
+            self.start_catch_up()
 
         self.presence = Connection(room=self.room.slug, conn_id=self.socket_id, user=user.get_username())
         try:

@@ -36,7 +36,7 @@ from chatapp.broadcast import (
     message_event,
     room_group_name,
 )
-from chatapp.rendering import render_presence_change
+from chatapp.rendering import render_presence_changes
 from presence.store import get_store
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,11 @@ class RoomFeed:
     suspect_seq: int | None = None
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Users whose presence changed since the last presence frame, and the
+    # task that sends the next one.
+    presence_pending: set[str] = field(default_factory=set)
+    presence_flush: asyncio.Task | None = None
+    presence_sent_at: float = float("-inf")
 
 
 class RoomHub:
@@ -90,6 +95,17 @@ class RoomHub:
         feed.sockets.add(socket)
         await asyncio.shield(feed.ready)
 
+    def is_current(self, room_id: int, next_seq: int) -> bool:
+        """Return True when every message from next_seq on is still to be dispatched to the room's sockets.
+
+        A socket that joined with that next_seq then needs no replay: the hub
+        dispatches every later message to it. False while a dispatch or gap
+        fill runs, because that may have taken its list of sockets before the
+        socket joined.
+        """
+        feed = self.feeds.get(room_id)
+        return feed is not None and feed.next_seq == next_seq and not feed.lock.locked()
+
     async def leave(self, room_id: int, socket: RoomSocket) -> None:
         """Remove a socket, unsubscribing from the room after its last local socket."""
         feed = self.feeds.get(room_id)
@@ -100,6 +116,8 @@ class RoomHub:
             return
 
         del self.feeds[room_id]
+        if feed.presence_flush is not None:
+            feed.presence_flush.cancel()
         if self.channel is not None and feed.ready.done() and feed.ready.exception() is None:
             try:
                 await self.layer.group_discard(room_group_name(room_id), self.channel)
@@ -109,6 +127,9 @@ class RoomHub:
 
     async def close(self) -> None:
         """Stop the hub's tasks; used at shutdown and between tests."""
+        for feed in self.feeds.values():
+            if feed.presence_flush is not None:
+                feed.presence_flush.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -206,11 +227,38 @@ class RoomHub:
             feed.next_seq = max(feed.next_seq or 0, seq + 1)
 
     async def _on_presence_event(self, feed: RoomFeed, event: dict) -> None:
-        # Events are handled one at a time, and each reads the state after
-        # its change, so the last frame sent states the current truth even
-        # when two nodes' announcements arrive out of order.
-        online = await get_store().is_online(event["slug"], event["user"])
-        await self._dispatch_unordered(feed, render_presence_change(event["user"], online))
+        """Queue the user for the room's next presence frame.
+
+        One frame per room carries every change of the last
+        CHAT_PRESENCE_BATCH_INTERVAL. Without that, each of a room's N joins
+        would go to all N sockets, N squared frames while a room fills.
+        A quiet room's first change goes out at once.
+        """
+        feed.presence_pending.add(event["user"])
+        if feed.presence_flush is None:
+            delay = feed.presence_sent_at + settings.CHAT_PRESENCE_BATCH_INTERVAL - time.monotonic()
+            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, event["slug"], max(0.0, delay)))
+
+    async def _flush_presence(self, feed: RoomFeed, slug: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        users, feed.presence_pending = feed.presence_pending, set()
+        try:
+            # The frame states each user's state as read now, after their
+            # events arrived, so it is right even when announcements from two
+            # nodes crossed in Redis. Events that arrive during the read go
+            # into the next frame, which reads again.
+            online = await get_store().online(slug)
+            feed.presence_sent_at = time.monotonic()
+            await self._dispatch_unordered(feed, render_presence_changes([(user, user in online) for user in sorted(users)]))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("presence frame failed room=%s users=%s", feed.room_id, len(users))
+        finally:
+            feed.presence_flush = None
+        if feed.presence_pending and self.feeds.get(feed.room_id) is feed:
+            delay = feed.presence_sent_at + settings.CHAT_PRESENCE_BATCH_INTERVAL - time.monotonic()
+            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, slug, max(0.0, delay)))
 
     async def _on_ban(self, user_id: int) -> None:
         sockets = [socket for feed in self.feeds.values() for socket in feed.sockets if socket.belongs_to(user_id)]

@@ -12,11 +12,28 @@ from chatapp.models import Room
 logger = logging.getLogger(__name__)
 
 
+# Room ids by slug, because every join and leave needs one. The admin keeps a
+# room's slug fixed once the room exists, so an entry never goes stale.
+_room_ids: dict[str, int] = {}
+ROOM_ID_CACHE_MAX = 10_000
+
+
+async def room_id_for_slug(slug: str) -> int | None:
+    room_id = _room_ids.get(slug)
+    if room_id is None:
+        room_id = await database_sync_to_async(
+            lambda: Room.objects.filter(slug=slug).values_list("pk", flat=True).first()
+        )()
+        if room_id is not None:
+            if len(_room_ids) >= ROOM_ID_CACHE_MAX:
+                _room_ids.clear()
+            _room_ids[slug] = room_id
+    return room_id
+
+
 async def broadcast_presence_change(sender, *, room: str, user: str, online: bool, **kwargs) -> None:
     """Receive presence_changed (room is the slug, user the username) and publish it to the room's group."""
-    room_id = await database_sync_to_async(
-        lambda: Room.objects.filter(slug=room).values_list("pk", flat=True).first()
-    )()
+    room_id = await room_id_for_slug(room)
     if room_id is None:
         logger.warning("presence change for unknown room=%s user=%s online=%s", room, user, online)
         return

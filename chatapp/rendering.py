@@ -44,9 +44,9 @@ def render_presence_list(online: dict[str, int]) -> str:
     return render_to_string("chat/_presence_list_frame.html", {"users": list(online)}).strip()
 
 
-def render_presence_change(user: str, online: bool) -> str:
-    """Render the frame that adds a user to or removes one from the online list."""
-    return render_to_string("chat/_presence_change_frame.html", {"user": user, "online": online}).strip()
+def render_presence_changes(changes: list[tuple[str, bool]]) -> str:
+    """Render the frame that adds users to or removes them from the online list; True means online."""
+    return render_to_string("chat/_presence_change_frame.html", {"changes": changes}).strip()
 
 
 def render_removal_frame(seq: int) -> str:

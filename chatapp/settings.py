@@ -130,7 +130,11 @@ DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
         conn_max_age=60,
-        conn_health_checks=True,
+        # No health check: Channels resets it before every database call, so
+        # it would add a `SELECT 1` to each query of a socket's connect and
+        # posts. After a failed query Django closes the connection, and the
+        # next call opens a fresh one.
+        conn_health_checks=False,
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -153,6 +157,7 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -194,6 +199,9 @@ CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 CHAT_RATE_LIMIT_PER_SECOND = env_float("CHAT_RATE_LIMIT_PER_SECOND", 5.0)
 CHAT_RATE_LIMIT_BURST = env_float("CHAT_RATE_LIMIT_BURST", 20.0)
 
+# Seconds a room's presence changes are gathered into one frame; a change in a
+# room quiet for longer goes out at once.
+CHAT_PRESENCE_BATCH_INTERVAL = env_float("CHAT_PRESENCE_BATCH_INTERVAL", 1.0)
 PRESENCE_HEARTBEAT_INTERVAL = env_float("PRESENCE_HEARTBEAT_INTERVAL", 5.0)
 PRESENCE_TTL = env_float("PRESENCE_TTL", 15.0)
 PRESENCE_LEAVE_GRACE = env_float("PRESENCE_LEAVE_GRACE", 3.0)
