@@ -41,16 +41,6 @@ class RoomAdmin(admin.ModelAdmin):
     readonly_fields = ["last_seq", "online_users"]
     prepopulated_fields = {"slug": ["title"]}
 
-    def get_readonly_fields(self, request, obj=None):
-        # A slug is the room's address: open pages, sockets and presence
-        # entries name the room by it, so it is fixed once the room exists.
-        if obj is not None:
-            return [*self.readonly_fields, "slug"]
-        return self.readonly_fields
-
-    def get_prepopulated_fields(self, request, obj=None):
-        return {} if obj is not None else self.prepopulated_fields
-
     @admin.display(description="online now")
     def online_users(self, obj: Room) -> str:
         if obj.pk is None:

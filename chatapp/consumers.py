@@ -103,7 +103,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.counted_open = True
 
         try:
-            await get_hub().join(self.room.pk, self)
+            await get_hub().join(self.room.pk, self.room.slug, self)
         except Exception:
             logger.exception("socket closed: hub join failed room=%s user=%s", self.room.pk, user.pk)
             await self.close(CLOSE_SERVER_ERROR)

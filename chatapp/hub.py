@@ -59,6 +59,7 @@ class RoomFeed:
     """The hub's state for one room: its local sockets and the next seq to dispatch."""
 
     room_id: int
+    slug: str
     sockets: set[RoomSocket] = field(default_factory=set)
     # None until the subscription is ready and the room's last_seq is read.
     next_seq: int | None = None
@@ -78,10 +79,13 @@ class RoomHub:
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.feeds: dict[int, RoomFeed] = {}
+        # Presence events name rooms by slug; while a room has a local socket
+        # its id comes from here instead of a query.
+        self.room_ids: dict[str, int] = {}
         self._channel_ready: asyncio.Lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
-    async def join(self, room_id: int, socket: RoomSocket) -> None:
+    async def join(self, room_id: int, slug: str, socket: RoomSocket) -> None:
         """Add a socket to the room, subscribing this process to it on the first one.
 
         Returns once the subscription is live, so that every message committed
@@ -89,11 +93,16 @@ class RoomHub:
         """
         feed = self.feeds.get(room_id)
         if feed is None:
-            feed = RoomFeed(room_id=room_id)
+            feed = RoomFeed(room_id=room_id, slug=slug)
             self.feeds[room_id] = feed
+            self.room_ids[slug] = room_id
             asyncio.ensure_future(self._subscribe(feed))
         feed.sockets.add(socket)
         await asyncio.shield(feed.ready)
+
+    def room_id_for_slug(self, slug: str) -> int | None:
+        """Return the id of a room with a socket in this process, or None."""
+        return self.room_ids.get(slug)
 
     def is_current(self, room_id: int, next_seq: int) -> bool:
         """Return True when every message from next_seq on is still to be dispatched to the room's sockets.
@@ -116,6 +125,7 @@ class RoomHub:
             return
 
         del self.feeds[room_id]
+        self.room_ids.pop(feed.slug, None)
         if feed.presence_flush is not None:
             feed.presence_flush.cancel()
         if self.channel is not None and feed.ready.done() and feed.ready.exception() is None:
@@ -139,6 +149,7 @@ class RoomHub:
                 pass
         self._tasks.clear()
         self.feeds.clear()
+        self.room_ids.clear()
         self.channel = None
 
     async def _subscribe(self, feed: RoomFeed) -> None:
@@ -150,6 +161,7 @@ class RoomHub:
             logger.exception("subscribe failed room=%s", feed.room_id)
             if self.feeds.get(feed.room_id) is feed:
                 del self.feeds[feed.room_id]
+                self.room_ids.pop(feed.slug, None)
             feed.ready.set_exception(exc)
             return
 
@@ -237,9 +249,9 @@ class RoomHub:
         feed.presence_pending.add(event["user"])
         if feed.presence_flush is None:
             delay = feed.presence_sent_at + settings.CHAT_PRESENCE_BATCH_INTERVAL - time.monotonic()
-            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, event["slug"], max(0.0, delay)))
+            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, max(0.0, delay)))
 
-    async def _flush_presence(self, feed: RoomFeed, slug: str, delay: float) -> None:
+    async def _flush_presence(self, feed: RoomFeed, delay: float) -> None:
         await asyncio.sleep(delay)
         users, feed.presence_pending = feed.presence_pending, set()
         try:
@@ -247,7 +259,7 @@ class RoomHub:
             # events arrived, so it is right even when announcements from two
             # nodes crossed in Redis. Events that arrive during the read go
             # into the next frame, which reads again.
-            online = await get_store().online(slug)
+            online = await get_store().online(feed.slug)
             feed.presence_sent_at = time.monotonic()
             await self._dispatch_unordered(feed, render_presence_changes([(user, user in online) for user in sorted(users)]))
         except asyncio.CancelledError:
@@ -258,7 +270,7 @@ class RoomHub:
             feed.presence_flush = None
         if feed.presence_pending and self.feeds.get(feed.room_id) is feed:
             delay = feed.presence_sent_at + settings.CHAT_PRESENCE_BATCH_INTERVAL - time.monotonic()
-            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, slug, max(0.0, delay)))
+            feed.presence_flush = asyncio.ensure_future(self._flush_presence(feed, max(0.0, delay)))
 
     async def _on_ban(self, user_id: int) -> None:
         sockets = [socket for feed in self.feeds.values() for socket in feed.sockets if socket.belongs_to(user_id)]

@@ -10,6 +10,9 @@ MESSAGES_POSTED = Counter("chat_messages_posted_total", "Messages stored by this
 DELIVERIES = Counter("chat_deliveries_total", "Live message frames sent to sockets.")
 GAP_FILLS = Counter("chat_gap_fills_total", "Messages the hub read from the database to fill a gap.")
 REPLAYED = Counter("chat_replayed_messages_total", "Messages sockets replayed from the database after connecting.")
+HANDSHAKES_SHED = Counter(
+    "chat_handshakes_shed_total", "Sockets closed with 4503 because too many handshakes were in progress."
+)
 REJECTED_FRAMES = Counter("chat_rejected_frames_total", "Client frames answered with an error.", ["code"])
 DELIVERY_LATENCY = Histogram(
     "chat_delivery_latency_seconds",

@@ -10,15 +10,24 @@ for the consumers to finish their disconnect work (presence release,
 unsubscribe), then exits. Daphne itself would cancel the consumers at once, so clients
 would see an abnormal close and presence would wait for the TTL.
 
-Usage: python -m chatapp.node [daphne options] chatapp.asgi:application
+With --processes N (N > 1) it binds the -b/-p address once and starts N
+node processes that accept on that one listening socket, one per core,
+because one Python process uses one core. They share nothing but Redis and
+PostgreSQL, as separate nodes do. SIGTERM and SIGINT are passed on to them.
+
+Usage: python -m chatapp.node [--processes N] [daphne options] chatapp.asgi:application
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 from daphne.cli import CommandLineInterface
@@ -30,11 +39,11 @@ logger = logging.getLogger("chatapp.node")
 
 CLOSE_SERVICE_RESTART = 1012
 # Below this many open files a node logs a warning: each socket needs one,
-# and a busy node holds thousands.
+# and a busy node has thousands open.
 OPEN_FILES_WANTED = 20_000
 # Young-generation collections every 50,000 allocations instead of Python's
 # 700, and a full collection at most every 100 of the middle ones. A node with
-# thousands of sockets holds millions of objects, and each full collection
+# thousands of sockets has millions of objects, and each full collection
 # walks them all while no frame is sent.
 GC_THRESHOLDS = (50_000, 20, 100)
 DRAIN_POLL_SECONDS = 0.1
@@ -177,5 +186,68 @@ class NodeCommandLineInterface(CommandLineInterface):
         super().run(args)
 
 
+def split_process_options(args: list[str]) -> tuple[int, str, int, list[str]]:
+    """Return --processes, the -b host, the -p port and the remaining daphne arguments."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("-b", "--bind", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=8000)
+    known, rest = parser.parse_known_args(args)
+    return known.processes, known.bind, known.port, rest
+
+
+def without_processes_option(args: list[str]) -> list[str]:
+    kept, skip_next = [], False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg == "--processes":
+            skip_next = True
+        elif not arg.startswith("--processes="):
+            kept.append(arg)
+    return kept
+
+
+def run_processes(count: int, host: str, port: int, daphne_args: list[str]) -> int:
+    """Start count node processes on one shared listening socket and wait for them."""
+    if count > 1 and not os.environ.get("REDIS_URL"):
+        logger.error("--processes %s needs REDIS_URL: without Redis each process would only reach its own sockets", count)
+        return 2
+    listener = socket.create_server((host, port), backlog=4096)
+    listener.set_inheritable(True)
+    command = [sys.executable, "-m", "chatapp.node", "--fd", str(listener.fileno()), *daphne_args]
+    children = [subprocess.Popen(command, pass_fds=(listener.fileno(),)) for _ in range(count)]
+    logger.info("started %s node processes on %s:%s pids=%s", count, host, port, [child.pid for child in children])
+
+    def forward(signum, frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    # When one process exits, stop the others, so that a supervisor finds
+    # the node failed and restarts it whole.
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    failed = next(child for child in children if child.returncode is not None)
+    logger.info("node process pid=%s exited with code %s; stopping the others", failed.pid, failed.returncode)
+    forward(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)
+
+
+def main() -> None:
+    count, host, port, rest = split_process_options(sys.argv[1:])
+    if count < 1:
+        sys.exit(f"--processes must be at least 1, got {count}.")
+    if count == 1:
+        sys.argv = [sys.argv[0], *without_processes_option(sys.argv[1:])]
+        NodeCommandLineInterface.entrypoint()
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    sys.exit(run_processes(count, host, port, rest))
+
+
 if __name__ == "__main__":
-    NodeCommandLineInterface.entrypoint()
+    main()

@@ -7,27 +7,19 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from chatapp.broadcast import PRESENCE_EVENT, room_group_name
+from chatapp.hub import get_hub
 from chatapp.models import Room
 
 logger = logging.getLogger(__name__)
 
 
-# Room ids by slug, because every join and leave needs one. The admin keeps a
-# room's slug fixed once the room exists, so an entry never goes stale.
-_room_ids: dict[str, int] = {}
-ROOM_ID_CACHE_MAX = 10_000
-
-
 async def room_id_for_slug(slug: str) -> int | None:
-    room_id = _room_ids.get(slug)
+    """Return the room's id: from the hub while this process has a socket in the room, else from the database."""
+    room_id = get_hub().room_id_for_slug(slug)
     if room_id is None:
         room_id = await database_sync_to_async(
             lambda: Room.objects.filter(slug=slug).values_list("pk", flat=True).first()
         )()
-        if room_id is not None:
-            if len(_room_ids) >= ROOM_ID_CACHE_MAX:
-                _room_ids.clear()
-            _room_ids[slug] = room_id
     return room_id
 
 

@@ -199,6 +199,11 @@ CHAT_GAP_CHECK_INTERVAL = env_float("CHAT_GAP_CHECK_INTERVAL", 1.0)
 CHAT_RATE_LIMIT_PER_SECOND = env_float("CHAT_RATE_LIMIT_PER_SECOND", 5.0)
 CHAT_RATE_LIMIT_BURST = env_float("CHAT_RATE_LIMIT_BURST", 20.0)
 
+# WebSocket handshakes one process works on at once (0: no maximum), and
+# how many more may wait for a turn. Past both, a socket is closed with 4503
+# (try again later) before any database query.
+CHAT_MAX_CONCURRENT_HANDSHAKES = int(os.environ.get("CHAT_MAX_CONCURRENT_HANDSHAKES", "50"))
+CHAT_MAX_QUEUED_HANDSHAKES = int(os.environ.get("CHAT_MAX_QUEUED_HANDSHAKES", "1000"))
 # Seconds a room's presence changes are gathered into one frame; a change in a
 # room quiet for longer goes out at once.
 CHAT_PRESENCE_BATCH_INTERVAL = env_float("CHAT_PRESENCE_BATCH_INTERVAL", 1.0)

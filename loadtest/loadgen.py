@@ -57,8 +57,8 @@ DEFAULT_ENV = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "SECRET_KEY": "loadtest-only-secret-key",
     "CHANNEL_PREFIX": "chatload",
-    # Each generator user posts far faster than a person, and holds one
-    # socket in each of several rooms; the server still checks both limits.
+    # Each generator user posts far faster than a person and has one socket in
+    # each of several rooms, so both limits are raised. The server still checks them.
     "CHAT_RATE_LIMIT_PER_SECOND": "1000000",
     "CHAT_RATE_LIMIT_BURST": "1000000",
     "PRESENCE_MAX_CONNECTIONS_PER_USER": "1000",
@@ -66,7 +66,7 @@ DEFAULT_ENV = {
 USER_PREFIX = "load"
 USER_PASSWORD = "load-pass-123"
 
-# How each server kind is started; {app} is the ASGI application path.
+# Command line of each server kind, where {app} is the ASGI application path.
 SERVER_COMMANDS = {
     "node": [sys.executable, "-m", "chatapp.node", "-b", "127.0.0.1", "-p", "{port}", "{app}"],
     "daphne": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "{app}"],
@@ -96,6 +96,7 @@ REFERENCE_BODY_RE = re.compile(r'"body": "t=(\d+) r=(\d+)"')
 
 RECONNECT_BASE_SECONDS = 0.5
 RECONNECT_CAP_SECONDS = 15.0
+MAX_CONNECT_ATTEMPTS = 20
 
 logger = logging.getLogger("loadgen")
 
@@ -107,7 +108,7 @@ def parse_args() -> argparse.Namespace:
         "--server", choices=sorted(SERVER_COMMANDS), default="node",
         help="ASGI server to start: node is `python -m chatapp.node`, daphne with the drain (default: node).",
     )
-    parser.add_argument("--server-processes", type=int, default=1, help="Server processes, each on its own port; sockets are spread round robin (default: 1).")
+    parser.add_argument("--server-processes", type=int, default=1, help="Server processes: the node's --processes on one port, other servers one port each with sockets spread round robin (default: 1).")
     parser.add_argument("--url", action="append", help="Use a running server at http://HOST:PORT instead of starting one; repeat for several.")
     parser.add_argument("--server-pid", type=int, action="append", default=[], help="PID of a running server to sample RSS and CPU from; repeatable.")
     parser.add_argument("--connections", type=int, default=1000, help="Sockets to open (default: 1000).")
@@ -118,6 +119,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, help="Generator processes (default: 1).")
     parser.add_argument("--sockets-per-user", type=int, default=10, help="Sockets that share one user, each in another room (default: 10).")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="Seconds to wait with every socket open and idle before the memory reading (default: 5).")
+    parser.add_argument(
+        "--no-retry", action="store_true",
+        help="Count a failed first connect as final; by default it is retried with the browser's backoff.",
+    )
     parser.add_argument("--storm-at", type=float, help="Second of the send phase at which every socket is dropped and reconnects (default: no storm).")
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="Seconds to wait after sending for every socket to catch up (default: 60).")
     parser.add_argument("--label", default="", help="Free text stored in the JSON, such as the change being measured.")
@@ -167,10 +172,14 @@ def prepare_product(room_slugs: list[str], user_count: int) -> dict:
 
 
 def start_servers(args: argparse.Namespace, log_stem: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    """Start the server; the node shares one port among its processes, other servers get a port each."""
     processes, urls = [], []
-    for index in range(args.server_processes):
+    shared_port = args.server == "node"
+    for index in range(1 if shared_port else args.server_processes):
         port = free_port()
         command = [part.format(port=port, app=APPS[args.target]) for part in SERVER_COMMANDS[args.server]]
+        if shared_port and args.server_processes > 1:
+            command[3:3] = ["--processes", str(args.server_processes)]
         log_path = log_stem.with_suffix(f".server{index}.log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
@@ -239,7 +248,7 @@ class ServerSampler(threading.Thread):
 
 @dataclass
 class Plan:
-    """What one generator process does; sent to it at start."""
+    """The sockets, rooms and rates of one generator process, sent to it at start."""
 
     worker: int
     target: str
@@ -252,6 +261,7 @@ class Plan:
     duration: float
     storm_at: float | None
     drain_timeout: float
+    retry_connects: bool
     base_seqs: dict[str, int] = field(default_factory=dict)
 
 
@@ -289,6 +299,11 @@ class Socket:
             max_size=2**22,
             compression=None,
         )
+        if self.worker.plan.target == "product":
+            # The product's first frame is the presence list. A busy server
+            # accepts and at once closes with 4503 instead, which must count
+            # as a failed connect.
+            self.worker.handle(self, await asyncio.wait_for(self.ws.recv(), 30), time.monotonic_ns())
         self.reader = asyncio.ensure_future(self.read(self.ws))
 
     async def read(self, ws) -> None:
@@ -303,6 +318,16 @@ class Socket:
             logger.exception("reader of socket %s failed", self.index)
 
 
+def failure_reason(exc: Exception) -> str:
+    """Name a failed connect: the exception type, with the close code or HTTP status when there is one."""
+    from websockets.exceptions import ConnectionClosed
+
+    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
+        return f"closed {exc.rcvd.code}"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return type(exc).__name__ + (f" {status}" if status else "")
+
+
 class Worker:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -314,6 +339,8 @@ class Worker:
         self.acked_seqs: dict[int, list[int]] = {}
         self.errors: dict[str, int] = {}
         self.connect_failures: dict[str, int] = {}
+        self.retry_failures: dict[str, int] = {}
+        self.all_open_at = 0.0
         self.connect_times: list[float] = []
         self.storm_started: float | None = None
         self.storm_back_at: list[float] = []
@@ -326,7 +353,7 @@ class Worker:
                 self.latencies_ns.append(received_ns - int(stamp))
             return
         matches = PRODUCT_MESSAGE_RE.findall(frame)
-        # A replay frame holds many messages; their latency includes the
+        # A replay frame contains many messages. Their latency includes the
         # time the socket was away, so they are kept apart.
         latencies = self.latencies_ns if len(matches) == 1 else self.replayed_latencies_ns
         for seq_text, body in matches:
@@ -353,15 +380,23 @@ class Worker:
 
         async def open_one(position: int, sock: Socket) -> None:
             await asyncio.sleep(max(0.0, started + position * interval - time.monotonic()))
-            begin = time.monotonic()
-            try:
-                await sock.open()
-            except Exception as exc:
-                reason = type(exc).__name__ + (f" {exc.status_code}" if hasattr(exc, "status_code") else "")
-                self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
-                logger.debug("socket %s failed to connect: %r", sock.index, exc)
+            for attempt in range(MAX_CONNECT_ATTEMPTS):
+                begin = time.monotonic()
+                try:
+                    await sock.open()
+                except Exception as exc:
+                    failures = self.connect_failures if attempt == 0 else self.retry_failures
+                    reason = failure_reason(exc)
+                    failures[reason] = failures.get(reason, 0) + 1
+                    logger.debug("socket %s failed to connect: %r", sock.index, exc)
+                    sock.ws = None
+                    if not self.plan.retry_connects:
+                        return
+                    await asyncio.sleep(random.uniform(0, min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2**attempt)))
+                    continue
+                self.connect_times.append(time.monotonic() - begin)
+                self.all_open_at = max(self.all_open_at, time.monotonic() - started)
                 return
-            self.connect_times.append(time.monotonic() - begin)
 
         for index, room, cookie in plan.sockets:
             sock = Socket(index, room, plan.urls[index % len(plan.urls)], cookie, self)
@@ -456,7 +491,7 @@ class Worker:
             try:
                 await sock.open()
             except Exception as exc:
-                reason = "reconnect " + type(exc).__name__
+                reason = "reconnect " + failure_reason(exc)
                 self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
                 continue
             self.storm_back_at.append(time.monotonic() - self.storm_started)
@@ -574,7 +609,9 @@ async def worker_main(plan: Plan, barrier) -> dict:
         "sockets": len(worker.sockets),
         "connected": len(worker.connect_times),
         "connect_failures": worker.connect_failures,
+        "retry_failures": worker.retry_failures,
         "ramp_seconds": round(worker.ramp_seconds, 2),
+        "all_open_seconds": round(worker.all_open_at, 2),
         "connect_seconds": sorted(worker.connect_times),
         "sent": sum(worker.sent.values()),
         "send_seconds": round(worker.send_seconds, 2),
@@ -617,7 +654,8 @@ def build_plans(args: argparse.Namespace, urls: list[str], slugs: list[str], coo
         Plan(
             worker=worker, target=args.target, urls=urls, rooms=slugs, sockets=[],
             ramp_rate=args.ramp_rate / args.processes, rate=args.rate / args.processes, duration=args.duration,
-            storm_at=args.storm_at, drain_timeout=args.drain_timeout, base_seqs=base_seqs,
+            storm_at=args.storm_at, drain_timeout=args.drain_timeout, retry_connects=not args.no_retry,
+            base_seqs=base_seqs,
         )
         for worker in range(args.processes)
     ]
@@ -632,6 +670,7 @@ def merge_reports(reports: list[dict]) -> dict:
     latencies, replayed = array("q"), array("q")
     delivery: dict[str, int] = {}
     failures: dict[str, int] = {}
+    retry_failures: dict[str, int] = {}
     errors: dict[str, int] = {}
     for report in reports:
         latencies.frombytes(report.pop("latencies_ns"))
@@ -640,6 +679,8 @@ def merge_reports(reports: list[dict]) -> dict:
             delivery[key] = delivery.get(key, 0) + value
         for key, value in report["connect_failures"].items():
             failures[key] = failures.get(key, 0) + value
+        for key, value in report["retry_failures"].items():
+            retry_failures[key] = retry_failures.get(key, 0) + value
         for key, value in report["errors"].items():
             errors[key] = errors.get(key, 0) + value
     connect_seconds = sorted(second for report in reports for second in report.pop("connect_seconds"))
@@ -647,6 +688,8 @@ def merge_reports(reports: list[dict]) -> dict:
     return {
         "connected": sum(report["connected"] for report in reports),
         "connect_failures": failures,
+        "retry_failures": retry_failures,
+        "all_open_seconds": max(report["all_open_seconds"] for report in reports),
         "connect_latency_ms": percentiles_ms(array("q", (int(second * 1e9) for second in connect_seconds))),
         "ramp_seconds": max(report["ramp_seconds"] for report in reports),
         "sent": sum(report["sent"] for report in reports),
@@ -690,7 +733,8 @@ def summary_line(report: dict) -> str:
     idle = report["server"]["idle_kb_per_socket"]
     return (
         f"{run['target']}/{run['server']} x{run['server_processes']}: {result['connected']}/{run['connections']} open "
-        f"(failed {sum(result['connect_failures'].values())}), {result['sent']} sent at {run['rate']}/s, "
+        f"(first tries failed {sum(result['connect_failures'].values())}, all open after {result['all_open_seconds']} s), "
+        f"{result['sent']} sent at {run['rate']}/s, "
         f"p50 {latency.get('p50')} p95 {latency.get('p95')} p99 {latency.get('p99')} max {latency.get('max')} ms, "
         f"lost {delivery.get('lost')} dup {delivery.get('duplicates')} order {delivery.get('out_of_order')}, "
         f"server CPU {report['server']['cpu_percent_send_phase']}% idle {idle} KB/socket"

@@ -308,6 +308,30 @@ class TestPresenceFrames:
             assert expected <= {user for user, _ in users}
 
 
+    async def test_changes_in_one_interval_share_a_frame(self, room, alice, bob, make_user, cookie_for, settings):
+        from tests.support import parse_presence
+
+        settings.CHAT_PRESENCE_BATCH_INTERVAL = 2.0
+        carol = await sync_to_async(make_user)("carol")
+        dave = await sync_to_async(make_user)("dave")
+        sockets = [await connect(room.slug, await cookie_for(user)) for user in (alice, bob, carol, dave)]
+
+        watcher = sockets[0]
+        change_frames = []
+        while {"bob", "carol", "dave"} - {user for frame in change_frames for user, _ in frame}:
+            presence = parse_presence(await watcher.receive_from(timeout=TIMEOUT))
+            if presence is not None and presence[0] == "change":
+                change_frames.append(presence[1])
+
+        # The first change in a quiet room goes out at once; the joins that
+        # follow within the interval share the next frame.
+        assert len(change_frames) <= 2
+        assert max(len(frame) for frame in change_frames) >= 2
+        assert all(change == "join" for frame in change_frames for _, change in frame)
+        for socket in sockets:
+            await socket.disconnect()
+
+
 class TestCancelledConsumer:
     async def test_cancelled_consumer_releases_hub_and_presence(self, room, alice, cookie_for, settings):
         """Daphne cancels a consumer that outlives application_close_timeout; its state must still go."""

@@ -5,6 +5,7 @@ import asyncio
 import signal
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ from channels.db import database_sync_to_async
 from chatapp.models import Message
 from chatapp.services import message_create
 from tests.cluster import FollowingClient, private_redis
-from tests.support import SocketClient, running_daphne
+from tests.support import SocketClient, running_daphne, start_daphne
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -177,3 +178,35 @@ async def test_sharded_channel_layer_delivers_across_nodes(tmp_path, room, alice
         for sender, receiver in pairs:
             await sender.close()
             await receiver.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]
+
+
+async def test_processes_share_port_and_stop_together(tmp_path, room, alice, bob, cookie_for):
+    node = start_daphne(tmp_path, NODE_ENV, server="node", extra_args=["--processes", "2"])
+    try:
+        await asyncio.sleep(1.5)
+        workers = child_pids(node.process.pid)
+        assert len(workers) == 2
+
+        users = [alice, bob] * 3
+        sockets = [await SocketClient.connect(node, room.slug, await cookie_for(user), after=0) for user in users]
+        for number in range(10):
+            await sockets[number % len(sockets)].send(f"message {number}", f"shared-port-{number}")
+        for socket in sockets:
+            await socket.wait_for(lambda client: len(client.messages) >= 10)
+
+        for socket in sockets:
+            assert socket.seqs() == list(range(1, 11))
+        for socket in sockets:
+            await socket.close()
+
+        node.process.send_signal(signal.SIGTERM)
+        assert node.process.wait(timeout=15) == 0
+        for worker in workers:
+            assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()
+    finally:
+        node.kill(signal.SIGKILL)

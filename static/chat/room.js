@@ -154,7 +154,14 @@
     socket = opened;
     // A socket the page has dropped can still fire events; only the current one counts.
     opened.addEventListener("open", () => { if (opened === socket) onOpen(); });
-    opened.addEventListener("message", (event) => { if (opened === socket) applyFrame(event.data); });
+    opened.addEventListener("message", (event) => {
+      if (opened !== socket) return;
+      // The backoff restarts only once the server sends a frame: a busy
+      // server accepts and at once closes with 4503, and those clients must
+      // keep backing off.
+      attempt = 0;
+      applyFrame(event.data);
+    });
     opened.addEventListener("close", (event) => { if (opened === socket) onClose(event); });
     connectTimer = setTimeout(() => {
       if (opened !== socket || opened.readyState !== WebSocket.CONNECTING) return;
@@ -175,7 +182,6 @@
 
   function onOpen() {
     clearTimeout(connectTimer);
-    attempt = 0;
     setState("connected", "Connected");
     sendNext();
   }
