@@ -1,15 +1,25 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 
+# Paths under /rooms/ that a room's address would shadow.
+RESERVED_ROOM_SLUGS = frozenset({"new"})
+
+
+def validate_room_slug(slug: str) -> None:
+    if slug in RESERVED_ROOM_SLUGS:
+        raise ValidationError(f"{slug!r} is reserved for a page of the site; choose another address.", code="reserved")
+
+
 class Room(models.Model):
     """A chat room; `last_seq` is the seq of its newest committed message."""
 
-    slug = models.SlugField(max_length=50, unique=True)
+    slug = models.SlugField(max_length=50, unique=True, validators=[validate_room_slug])
     title = models.CharField(max_length=100)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

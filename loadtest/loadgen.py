@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import io
 import json
 import logging
 import multiprocessing
@@ -63,8 +64,9 @@ DEFAULT_ENV = {
     "CHAT_RATE_LIMIT_BURST": "1000000",
     "PRESENCE_MAX_CONNECTIONS_PER_USER": "1000",
 }
-USER_PREFIX = "load"
-USER_PASSWORD = "load-pass-123"
+# Not locustfile.py's "load" users, whose password differs.
+USER_PREFIX = "loadgen"
+USER_PASSWORD = "loadgen-pass-123"
 
 # Command line of each server kind, where {app} is the ASGI application path.
 SERVER_COMMANDS = {
@@ -131,6 +133,8 @@ def parse_args() -> argparse.Namespace:
     for name in ("connections", "rooms", "processes", "sockets_per_user", "server_processes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.rooms < args.processes:
+        parser.error(f"--rooms ({args.rooms}) must be at least --processes ({args.processes}): each generator process owns whole rooms.")
     if args.rooms > args.connections:
         parser.error(f"--rooms ({args.rooms}) must not exceed --connections ({args.connections}).")
     if args.rate <= 0 or args.ramp_rate <= 0 or args.duration <= 0:
@@ -162,9 +166,11 @@ def prepare_product(room_slugs: list[str], user_count: int) -> dict:
             f"Failed to connect to the database of DATABASE_URL: {exc}\n"
             "Start PostgreSQL (bin/services) and create the database: createdb -h 127.0.0.1 -U postgres chat_bench"
         ) from exc
+    # The commands print a line each, which would bury the summary.
+    quiet = io.StringIO()
     for slug in room_slugs:
-        call_command("create_room", slug, verbosity=0)
-    call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD, verbosity=0)
+        call_command("create_room", slug, stdout=quiet)
+    call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD, stdout=quiet)
     keys = session_keys([f"{USER_PREFIX}{number}" for number in range(1, user_count + 1)])
     last_seqs = dict(Room.objects.filter(slug__in=room_slugs).values_list("slug", "last_seq"))
     connections.close_all()
@@ -187,14 +193,14 @@ def start_servers(args: argparse.Namespace, log_stem: Path) -> tuple[list[subpro
         logger.info("server started pid=%s url=%s command=%s", process.pid, url, shlex.join(command))
         processes.append(process)
         urls.append(url)
-    for process, url in zip(processes, urls):
-        wait_until_ready(process, url, args.target, log_stem)
+    for index, (process, url) in enumerate(zip(processes, urls)):
+        wait_until_ready(process, url, args.target, log_stem.with_suffix(f".server{index}.log"))
     return processes, urls
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, target: str, log_stem: Path) -> None:
+def wait_until_ready(process: subprocess.Popen, url: str, target: str, log_path: Path) -> None:
     if target == "product":
-        wait_until_serving(process, url, log_stem)
+        wait_until_serving(process, url, log_path, name="server")
         return
     # The reference chat serves no pages, so wait for its port instead.
     import socket
@@ -207,7 +213,7 @@ def wait_until_ready(process: subprocess.Popen, url: str, target: str, log_stem:
             return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"server on {url} did not start listening within 30 s")
+    raise RuntimeError(f"server on {url} did not start listening within 30 s. See {log_path}.")
 
 
 class ServerSampler(threading.Thread):
@@ -520,12 +526,17 @@ class Worker:
         logger.warning("worker %s: drain timed out with sockets still behind", self.plan.worker)
 
     def check_delivery(self) -> dict:
-        lost = duplicates = out_of_order = received = expected_total = never_connected = 0
+        lost = duplicates = out_of_order = received = expected_total = never_connected = not_back = 0
         for room, sockets in self.by_room.items():
             expected = self.expected_keys(room)
             for sock in sockets:
                 if sock.ws is None:
                     never_connected += 1
+                    continue
+                if sock.reader is None or sock.reader.done():
+                    # Closed at the end: it gave up reconnecting, so what it
+                    # missed is counted here, not as lost.
+                    not_back += 1
                     continue
                 keys = [key for key in sock.keys if key in expected]
                 expected_total += len(expected)
@@ -541,6 +552,7 @@ class Worker:
             "duplicates": duplicates,
             "out_of_order": out_of_order,
             "sockets_never_connected": never_connected,
+            "sockets_closed_at_end": not_back,
         }
 
     async def close_all(self) -> None:

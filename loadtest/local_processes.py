@@ -20,13 +20,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_serving(process: subprocess.Popen, base_url: str, log_path: Path, timeout: float = 30) -> None:
+def wait_until_serving(
+    process: subprocess.Popen, base_url: str, log_path: Path, timeout: float = 30, name: str = "daphne"
+) -> None:
     """Wait until the app's login page returns 200; stop the process and raise when it does not in time."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited with code {process.returncode} before serving requests. See {log_path}.")
+            raise RuntimeError(f"{name} exited with code {process.returncode} before serving requests. See {log_path}.")
         try:
             with opener.open(f"{base_url}/accounts/login/", timeout=2) as response:
                 if response.status == 200:
@@ -34,8 +36,8 @@ def wait_until_serving(process: subprocess.Popen, base_url: str, log_path: Path,
         except OSError:
             pass
         time.sleep(0.2)
-    stop_process(process, "daphne")
-    raise RuntimeError(f"Timed out after {timeout:.0f} s waiting for daphne on {base_url}. See {log_path}.")
+    stop_process(process, name)
+    raise RuntimeError(f"Timed out after {timeout:.0f} s waiting for {name} on {base_url}. See {log_path}.")
 
 
 def stop_process(process: subprocess.Popen, name: str) -> None:

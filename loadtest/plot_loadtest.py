@@ -38,6 +38,16 @@ def series_name(run: dict) -> str:
 
 def plot_latency_against(runs: list[dict], label: str, x_key: str, x_title: str, output: Path) -> bool:
     chosen = [run for run in runs if run["options"].get("label") == label]
+    if label == "rate" and chosen:
+        # The scale run at the same socket count is one more point on the rate axis.
+        connections = {run["options"]["connections"] for run in chosen}
+        chosen += [
+            run
+            for run in runs
+            if run["options"].get("label") == "scale"
+            and run["options"]["connections"] in connections
+            and run["options"]["target"] == "product"
+        ]
     if not chosen:
         return False
     figure, axis = plt.subplots(figsize=(7, 4.2))

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Run the measurements behind docs/loadtest.md, one after another, then draw its plots.
 # Usage: loadtest/run_report.sh [SUSTAINED_SECONDS]   (default 300: the 10,000-socket run)
-# Takes about 40 minutes with the default. PostgreSQL and Redis must be up
+# Takes about 40 minutes with the default; OUT=DIR writes into DIR. PostgreSQL and Redis must be up
 # (bin/services) and the chat_bench database must exist.
 set -euo pipefail
 cd "$(dirname "$0")"
 ulimit -n "$(ulimit -Hn)"
 python=../.venv/bin/python
 sustained=${1:-300}
-out="results/report-$(date -u +%Y%m%d-%H%M%S)"
+out=${OUT:-"results/report-$(date -u +%Y%m%d-%H%M%S)"}
 mkdir -p "$out"
 
 run() {
   local name=$1
   shift
   echo "== $name: loadgen.py $*"
-  "$python" loadgen.py --processes 2 --output "$out/$name.json" "$@" 2>"$out/$name.err" | tail -1 || echo "run $name failed; see $out/$name.err"
+  "$python" loadgen.py --processes 2 --output "$out/$name.json" "$@" 2>"$out/$name.err" | tail -2 || echo "run $name failed; see $out/$name.err"
 }
 
 # Latency against connections: rooms of 100, one message a second per room.
@@ -26,13 +26,13 @@ run scale-5k-reference --label scale --target reference --server daphne --connec
 run scale-10k-product --label scale --server-processes 2 --connections 10000 --rooms 100 --rate 100 --duration "$sustained"
 run scale-10k-reference --label scale --target reference --server daphne --connections 10000 --rooms 100 --rate 100 --duration 60
 
-# Latency against message rate at 10,000 sockets.
-run rate-200-product --label rate --server-processes 2 --connections 10000 --rooms 100 --rate 200 --duration 60
-run rate-400-product --label rate --server-processes 2 --connections 10000 --rooms 100 --rate 400 --duration 60
+# Latency against message rate at 10,000 sockets (100 a second is the scale run).
+run rate-25-product --label rate --server-processes 2 --connections 10000 --rooms 100 --rate 25 --duration 60
+run rate-50-product --label rate --server-processes 2 --connections 10000 --rooms 100 --rate 50 --duration 60
 
 # One node process against two, and the reconnect storm.
-run single-10k-product --label single-process --connections 10000 --rooms 100 --rate 100 --duration 60
-run storm-10k-product --label storm --server-processes 2 --connections 10000 --rooms 100 --rate 100 --duration 120 --storm-at 30 --drain-timeout 180
+run single-10k-product --label single-process --connections 10000 --rooms 100 --rate 50 --duration 60
+run storm-10k-product --label storm --server-processes 2 --connections 10000 --rooms 100 --rate 25 --duration 120 --storm-at 30 --drain-timeout 180
 
 # ASGI servers under the same app and load.
 for server in node daphne uvicorn uvicorn-wsproto hypercorn granian; do

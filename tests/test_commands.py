@@ -33,6 +33,11 @@ class TestCreateRoom:
             run("create_room", "bad slug")
         assert Room.objects.count() == 0
 
+    def test_reserved_slug_rejected(self):
+        with pytest.raises(CommandError, match="Invalid slug 'new': it is reserved"):
+            run("create_room", "new")
+        assert Room.objects.count() == 0
+
     def test_too_long_slug_rejected(self):
         with pytest.raises(CommandError, match="it has 51 characters, the maximum is 50"):
             run("create_room", "s" * 51)

@@ -76,6 +76,13 @@ class TestRoomCreate:
         assert 'class="errorlist' in response.content.decode()
         assert Room.objects.count() == 0
 
+    def test_reserved_slug_shows_error(self, alice_client):
+        response = alice_client.post("/rooms/new/", {"slug": "new", "title": "New"})
+
+        assert response.status_code == 400
+        assert "is reserved for a page of the site" in response.content.decode()
+        assert Room.objects.count() == 0
+
     def test_room_list_links_rooms(self, alice_client, room):
         content = alice_client.get("/").content.decode()
         assert 'href="/rooms/lobby/"' in content

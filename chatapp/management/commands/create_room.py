@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.core.validators import validate_slug
 
+from chatapp.models import RESERVED_ROOM_SLUGS
 from chatapp.services import room_create
 
 
@@ -19,6 +20,8 @@ class Command(BaseCommand):
             validate_slug(slug)
         except ValidationError as exc:
             raise CommandError(f"Invalid slug {slug!r}: use letters, digits, hyphens and underscores.") from exc
+        if slug in RESERVED_ROOM_SLUGS:
+            raise CommandError(f"Invalid slug {slug!r}: it is reserved for a page of the site; choose another.")
         if len(slug) > 50:
             raise CommandError(f"Invalid slug {slug!r}: it has {len(slug)} characters, the maximum is 50.")
 
