@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import websockets
+from latency_stats import summarize_ms
 from local_processes import free_port, own_cpu_seconds, process_cpu_seconds, stop_process, wait_until_serving
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -563,24 +564,6 @@ class ServerSampler(threading.Thread):
 
 
 # Figures.
-
-
-def percentile(sorted_values: list[float], percent: float) -> float:
-    """Return the nearest-rank percentile of an ascending list."""
-    return sorted_values[max(0, math.ceil(percent / 100 * len(sorted_values)) - 1)]
-
-
-def summarize_ms(values_ns: list[int]) -> dict:
-    if not values_ns:
-        return {"count": 0}
-    values = sorted(value / 1e6 for value in values_ns)
-    return {
-        "count": len(values),
-        "p50": round(percentile(values, 50), 1),
-        "p95": round(percentile(values, 95), 1),
-        "p99": round(percentile(values, 99), 1),
-        "max": round(values[-1], 1),
-    }
 
 
 def check_order(readers: list[RoomReader], first_seq: int, last_seq: int) -> dict:

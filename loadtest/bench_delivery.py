@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import websockets
+from latency_stats import summarize_ms
 from local_processes import free_port, own_cpu_seconds, process_cpu_seconds, stop_process, wait_until_serving
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -269,25 +269,6 @@ async def wait_for_seq(clients: list[Client], seq: int, timeout: float) -> list[
             return []
         await asyncio.sleep(0.02)
     return [client for client in clients if client.max_seq < seq]
-
-
-def percentile(sorted_values: list[float], percent: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return sorted_values[max(0, math.ceil(percent / 100 * len(sorted_values)) - 1)]
-
-
-def summarize_ms(values_ns: list[int]) -> dict:
-    if not values_ns:
-        return {"count": 0}
-    values = sorted(value / 1e6 for value in values_ns)
-    return {
-        "count": len(values),
-        "p50": round(percentile(values, 50), 2),
-        "p95": round(percentile(values, 95), 2),
-        "p99": round(percentile(values, 99), 2),
-        "max": round(values[-1], 2),
-        "mean": round(sum(values) / len(values), 2),
-    }
 
 
 def acks_per_second(ack_times_ns: list[int], started_ns: int) -> list[int]:

@@ -46,6 +46,7 @@ from importlib import metadata
 from pathlib import Path
 
 import psutil
+from latency_stats import summarize_ms
 from local_processes import free_port, stop_process, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -650,17 +651,6 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-def percentiles_ms(values_ns: array) -> dict:
-    values = sorted(values_ns)
-    if not values:
-        return {"count": 0}
-
-    def pick(percent: float) -> float:
-        return round(values[min(len(values) - 1, int(len(values) * percent / 100))] / 1e6, 2)
-
-    return {"count": len(values), "p50": pick(50), "p95": pick(95), "p99": pick(99), "max": round(values[-1] / 1e6, 2)}
-
-
 def build_plans(args: argparse.Namespace, urls: list[str], slugs: list[str], cookies: list[str], base_seqs: dict) -> list[Plan]:
     plans = [
         Plan(
@@ -702,13 +692,13 @@ def merge_reports(reports: list[dict]) -> dict:
         "connect_failures": failures,
         "retry_failures": retry_failures,
         "all_open_seconds": max(report["all_open_seconds"] for report in reports),
-        "connect_latency_ms": percentiles_ms(array("q", (int(second * 1e9) for second in connect_seconds))),
+        "connect_latency_ms": summarize_ms(array("q", (int(second * 1e9) for second in connect_seconds))),
         "ramp_seconds": max(report["ramp_seconds"] for report in reports),
         "sent": sum(report["sent"] for report in reports),
         "errors": errors,
         "delivery": delivery,
-        "latency_ms": percentiles_ms(latencies),
-        "replayed_latency_ms": percentiles_ms(replayed),
+        "latency_ms": summarize_ms(latencies),
+        "replayed_latency_ms": summarize_ms(replayed),
         "storm": {
             "sockets_back": len(storm_back),
             "seconds_until_all_back": storm_back[-1] if storm_back else None,
