@@ -61,7 +61,8 @@ class HandshakeAdmission:
                 self.release()
 
         async def send_and_count(message: dict) -> None:
-            if message["type"] in ("websocket.send", "websocket.close"):
+            # Every later frame of the socket passes here too, so test the flag first.
+            if admitted and message["type"] in ("websocket.send", "websocket.close"):
                 finish()
             await send(message)
 

@@ -40,7 +40,7 @@ logger = logging.getLogger("chatapp.node")
 CLOSE_SERVICE_RESTART = 1012
 # Below this many open files a node logs a warning: each socket needs one,
 # and a busy node has thousands open.
-OPEN_FILES_WANTED = 20_000
+OPEN_FILES_RECOMMENDED = 20_000
 # Young-generation collections every 50,000 allocations instead of Python's
 # 700, and a full collection at most every 100 of the middle ones. A node with
 # thousands of sockets has millions of objects, and each full collection
@@ -65,12 +65,12 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         logger.info("open-file limit raised from %s to %s", soft, hard)
         soft = hard
-    if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_WANTED:
+    if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_RECOMMENDED:
         logger.warning(
             "open-file limit is %s, so this node fails sockets beyond about that many; "
             "raise the hard limit (ulimit -Hn, LimitNOFILE=, or nofile in compose) to %s or more",
             soft,
-            OPEN_FILES_WANTED,
+            OPEN_FILES_RECOMMENDED,
         )
 
 
@@ -200,15 +200,15 @@ def split_process_options(args: list[str]) -> tuple[int, str, int, list[str]]:
 
 
 def without_processes_option(args: list[str]) -> list[str]:
-    kept, skip_next = [], False
+    remaining, skip_next = [], False
     for arg in args:
         if skip_next:
             skip_next = False
         elif arg == "--processes":
             skip_next = True
         elif not arg.startswith("--processes="):
-            kept.append(arg)
-    return kept
+            remaining.append(arg)
+    return remaining
 
 
 def run_processes(count: int, host: str, port: int, daphne_args: list[str]) -> int:

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import websockets
+from bench_database import prepare_database as prepare_rooms_and_users
 from latency_stats import summarize_ms
 from local_processes import free_port, own_cpu_seconds, process_cpu_seconds, stop_process, wait_until_serving
 from websockets.asyncio.client import ClientConnection, connect
@@ -206,37 +207,10 @@ def parse_args() -> argparse.Namespace:
 
 def prepare_database(rooms: list[str], user_count: int) -> dict:
     """Migrate, create the rooms and users abuse1..abuseN, and write one login session per user."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    sys.path.insert(0, str(REPO_ROOT))
-    import django
-
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import OperationalError, connection, connections
-    from login_sessions import session_keys
-
-    try:
-        call_command("migrate", interactive=False, verbosity=0)
-    except OperationalError as exc:
-        database = settings.DATABASES["default"]
-        createdb = f"createdb -h {database['HOST']} -U {database['USER']} {database['NAME']}"
-        raise SystemExit(
-            f"Failed to connect to database {database['NAME']!r} on {database['HOST']}:{database['PORT']}: {exc}\n"
-            f"Start PostgreSQL (bin/services), create the database ({createdb}) or set DATABASE_URL."
-        ) from exc
-    for slug in rooms:
-        call_command("create_room", slug)
-    call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD)
-    keys = session_keys([f"{USER_PREFIX}{number}" for number in range(1, user_count + 1)])
-
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW server_version")
-        postgres_version = cursor.fetchone()[0]
-    connections.close_all()
+    setup = prepare_rooms_and_users(rooms, USER_PREFIX, user_count, USER_PASSWORD)
     return {
-        "cookies": [f"{settings.SESSION_COOKIE_NAME}={key}" for key in keys],
-        "postgres_version": postgres_version,
+        "cookies": [f"{setup['cookie_name']}={key}" for key in setup["session_keys"]],
+        "postgres_version": setup["postgres_version"],
     }
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import websockets
+from bench_database import prepare_database as prepare_rooms_and_users
 from latency_stats import summarize_ms
 from local_processes import free_port, own_cpu_seconds, process_cpu_seconds, stop_process, wait_until_serving
 from websockets.asyncio.client import ClientConnection, connect
@@ -113,49 +114,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def prepare_database(slug: str, user_count: int) -> dict:
-    """Migrate, create the room and the users bench1..benchN, and create one login session per user.
+    """Migrate, create the room and the users bench1..benchN, and write one login session per user.
 
     Sessions are written through Django's session store, as a login would
     write them, which skips hashing the password once per user.
     """
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    sys.path.insert(0, str(REPO_ROOT))
-    import django
-
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import OperationalError, connection, connections
-
-    from chatapp.models import Room
-
-    try:
-        call_command("migrate", interactive=False, verbosity=0)
-    except OperationalError as exc:
-        database = settings.DATABASES["default"]
-        raise SystemExit(
-            f"Failed to connect to database {database['NAME']!r} on {database['HOST']}:{database['PORT']}: {exc}\n"
-            "Start PostgreSQL, create the database (createdb -h 127.0.0.1 -U postgres chat_bench) "
-            "or set DATABASE_URL."
-        ) from exc
-    call_command("create_room", slug)
-    call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD)
-
-    usernames = [f"{USER_PREFIX}{number}" for number in range(1, user_count + 1)]
-    from login_sessions import session_keys as create_session_keys
-
-    session_keys = create_session_keys(usernames)
-
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW server_version")
-        postgres_version = cursor.fetchone()[0]
-    last_seq = Room.objects.get(slug=slug).last_seq
-    connections.close_all()
+    setup = prepare_rooms_and_users([slug], USER_PREFIX, user_count, USER_PASSWORD)
     return {
-        "session_keys": session_keys,
-        "cookie_name": settings.SESSION_COOKIE_NAME,
-        "last_seq": last_seq,
-        "postgres_version": postgres_version,
+        "session_keys": setup["session_keys"],
+        "cookie_name": setup["cookie_name"],
+        "last_seq": setup["last_seqs"][slug],
+        "postgres_version": setup["postgres_version"],
     }
 
 

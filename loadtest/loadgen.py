@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import io
 import json
 import logging
 import multiprocessing
@@ -46,6 +45,7 @@ from importlib import metadata
 from pathlib import Path
 
 import psutil
+from bench_database import prepare_database
 from latency_stats import summarize_ms
 from local_processes import free_port, stop_process, wait_until_serving
 
@@ -148,34 +148,11 @@ def parse_args() -> argparse.Namespace:
 
 def prepare_product(room_slugs: list[str], user_count: int) -> dict:
     """Migrate, create the rooms and users, and write one login session per user."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
-    sys.path.insert(0, str(REPO_ROOT))
-    import django
-
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import OperationalError, connections
-
-    from chatapp.models import Room
-    from login_sessions import session_keys
-
-    try:
-        call_command("migrate", interactive=False, verbosity=0)
-    except OperationalError as exc:
-        raise SystemExit(
-            f"Failed to connect to the database of DATABASE_URL: {exc}\n"
-            "Start PostgreSQL (bin/services) and create the database: createdb -h 127.0.0.1 -U postgres chat_bench"
-        ) from exc
-    # The commands print a line each, which would bury the summary.
-    quiet = io.StringIO()
-    for slug in room_slugs:
-        call_command("create_room", slug, stdout=quiet)
-    call_command("seed_users", count=user_count, prefix=USER_PREFIX, password=USER_PASSWORD, stdout=quiet)
-    keys = session_keys([f"{USER_PREFIX}{number}" for number in range(1, user_count + 1)])
-    last_seqs = dict(Room.objects.filter(slug__in=room_slugs).values_list("slug", "last_seq"))
-    connections.close_all()
-    return {"cookies": [f"{settings.SESSION_COOKIE_NAME}={key}" for key in keys], "last_seqs": last_seqs}
+    setup = prepare_database(room_slugs, USER_PREFIX, user_count, USER_PASSWORD)
+    return {
+        "cookies": [f"{setup['cookie_name']}={key}" for key in setup["session_keys"]],
+        "last_seqs": setup["last_seqs"],
+    }
 
 
 def start_servers(args: argparse.Namespace, log_stem: Path) -> tuple[list[subprocess.Popen], list[str]]:

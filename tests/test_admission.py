@@ -43,8 +43,8 @@ async def assert_gets_presence_list(socket: WebsocketCommunicator) -> None:
 async def test_handshake_past_cap_waits_its_turn(room, alice, bob, cookie_for, settings):
     settings.CHAT_MAX_CONCURRENT_HANDSHAKES = 1
     settings.CHAT_MAX_QUEUED_HANDSHAKES = 10
-    held = HeldHandshakes()
-    admission = HandshakeAdmission(held)
+    held_app = HeldHandshakes()
+    admission = HandshakeAdmission(held_app)
     first = communicator(admission, room.slug, await cookie_for(alice))
     first_connect = asyncio.ensure_future(first.connect(timeout=TIMEOUT))
     await asyncio.sleep(0.1)
@@ -54,9 +54,9 @@ async def test_handshake_past_cap_waits_its_turn(room, alice, bob, cookie_for, s
 
     assert admission.in_progress == 1
     assert len(admission.waiting) == 1
-    assert held.started == 1
+    assert held_app.started == 1
 
-    held.release.set()
+    held_app.release.set()
     assert (await first_connect)[0]
     await assert_gets_presence_list(first)
     assert (await second_connect)[0]
@@ -70,8 +70,8 @@ async def test_handshake_past_cap_waits_its_turn(room, alice, bob, cookie_for, s
 async def test_full_queue_closes_with_4503(room, alice, bob, cookie_for, settings):
     settings.CHAT_MAX_CONCURRENT_HANDSHAKES = 1
     settings.CHAT_MAX_QUEUED_HANDSHAKES = 0
-    held = HeldHandshakes()
-    admission = HandshakeAdmission(held)
+    held_app = HeldHandshakes()
+    admission = HandshakeAdmission(held_app)
     first = communicator(admission, room.slug, await cookie_for(alice))
     first_connect = asyncio.ensure_future(first.connect(timeout=TIMEOUT))
     await asyncio.sleep(0.1)
@@ -82,9 +82,9 @@ async def test_full_queue_closes_with_4503(room, alice, bob, cookie_for, setting
 
     assert connected
     assert closed == {"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER}
-    assert held.started == 1
+    assert held_app.started == 1
 
-    held.release.set()
+    held_app.release.set()
     assert (await first_connect)[0]
     await assert_gets_presence_list(first)
     await first.disconnect()
@@ -111,8 +111,8 @@ async def test_slot_frees_after_first_frame(room, alice, bob, cookie_for, settin
 async def test_waiting_client_that_leaves_frees_its_place(room, alice, bob, cookie_for, settings):
     settings.CHAT_MAX_CONCURRENT_HANDSHAKES = 1
     settings.CHAT_MAX_QUEUED_HANDSHAKES = 10
-    held = HeldHandshakes()
-    admission = HandshakeAdmission(held)
+    held_app = HeldHandshakes()
+    admission = HandshakeAdmission(held_app)
     first = communicator(admission, room.slug, await cookie_for(alice))
     first_connect = asyncio.ensure_future(first.connect(timeout=TIMEOUT))
     await asyncio.sleep(0.1)
@@ -126,7 +126,7 @@ async def test_waiting_client_that_leaves_frees_its_place(room, alice, bob, cook
     await asyncio.sleep(0.1)
 
     assert not admission.waiting
-    held.release.set()
+    held_app.release.set()
     assert (await first_connect)[0]
     await assert_gets_presence_list(first)
     assert admission.in_progress == 0

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,7 +17,7 @@ from channels.db import database_sync_to_async
 from chatapp.models import Message
 from chatapp.services import message_create
 from tests.cluster import FollowingClient, private_redis
-from tests.support import SocketClient, running_daphne, start_daphne
+from tests.support import REPO_ROOT, SocketClient, running_daphne, start_daphne
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -210,3 +213,24 @@ async def test_processes_share_port_and_stop_together(tmp_path, room, alice, bob
             assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()
     finally:
         node.kill(signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("processes", "redis_url", "expected_code", "expected_output"),
+    [
+        ("2", "", 2, "--processes 2 needs REDIS_URL"),
+        ("0", "redis://127.0.0.1:6379/0", 1, "--processes must be at least 1, got 0."),
+    ],
+)
+def test_processes_option_rejects_bad_setup(processes, redis_url, expected_code, expected_output):
+    result = subprocess.run(
+        [sys.executable, "-m", "chatapp.node", "--processes", processes, "-p", "1", "chatapp.asgi:application"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "REDIS_URL": redis_url, "DEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == expected_code
+    assert expected_output in result.stderr
